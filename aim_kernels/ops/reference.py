@@ -1,0 +1,177 @@
+"""The arithmetic of DESIGN.md section 2 in plain PyTorch: the ground truth.
+
+Every other backend is tested against this file, and this file is a line-by-line
+reading of the spec. It runs on any device, is vectorised over elements and loops
+in Python over groups only. All math is fp32 whatever the storage dtype; results
+are rounded once, when stored.
+
+Arguments are assumed valid: ``aim_kernels.ops`` checks them before dispatching.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "kth_largest"]
+
+STAT_NAMES = ("grad_sq", "out_sq", "reg_sq", "drift_sq", "penalty", "masked", "nonfinite")
+
+# Elements per chunk of the radix select. Its temporaries are O(chunk), so the
+# memory of a threshold does not grow with the group (see `kth_largest`).
+SELECT_CHUNK = 1 << 22
+
+
+def _group_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    bounds = offsets.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
+               keep, lam, *, beta, accumulate="ema", importance_kind="fisher",
+               directional=True) -> torch.Tensor:
+    """DESIGN.md 2.1: in place on ``grad`` and ``fisher``; returns fp32 stats ``[G, 7]``."""
+    num_groups = offsets.numel() - 1
+    stats = torch.zeros(num_groups, len(STAT_NAMES), dtype=torch.float32, device=grad.device)
+    c_all, t_all = inv_scale.tolist(), thresh.tolist()
+    keep_all, lam_all = keep.tolist(), lam.tolist()
+    for gi, (lo, hi) in enumerate(_group_bounds(offsets)):
+        if lo == hi:
+            continue
+        g = grad[lo:hi].float()
+        theta = param[lo:hi].float()
+        a = anchor[lo:hi].float()
+        omega = importance[lo:hi].float()
+        F = fisher[lo:hi].float()
+        # Per-group scalars are fp32 values, as every kernel sees them.
+        c, t, kappa, lam_g = (torch.tensor(v, dtype=torch.float32, device=g.device)
+                              for v in (c_all[gi], t_all[gi], keep_all[gi], lam_all[gi]))
+
+        finite = torch.isfinite(g)
+        u = g * g if importance_kind == "fisher" else g.abs()
+        if accumulate == "ema":
+            F_new = beta * F + (1.0 - beta) * u
+        else:
+            F_new = F + u
+        F_new = torch.where(finite, F_new, F)   # F is never touched by a non-finite g
+
+        s = c * omega
+        masked = (omega >= t) & (omega > 0)
+        d = theta - a
+        r = lam_g * s * d
+        if directional:
+            r = torch.where(g * d < 0, r, torch.zeros_like(r))
+        g_out = torch.where(masked, kappa, torch.ones_like(kappa)) * g + r
+        g_out = torch.where(finite, g_out, g)   # non-finite g passes through unchanged
+
+        zero = torch.zeros_like(g)
+        stats[gi, 0] = torch.where(finite, g * g, zero).sum()
+        stats[gi, 1] = torch.where(finite, g_out * g_out, zero).sum()
+        stats[gi, 2] = torch.where(finite, r * r, zero).sum()
+        stats[gi, 3] = (d * d).sum()
+        stats[gi, 4] = (0.5 * lam_g * s * d * d).sum()
+        stats[gi, 5] = masked.sum()
+        stats[gi, 6] = (~finite).sum()
+
+        grad[lo:hi] = g_out.to(grad.dtype)
+        fisher[lo:hi] = F_new.to(fisher.dtype)
+    return stats
+
+
+def kth_count(ratio: float, n: int) -> int:
+    """``k = floor(ratio * n)``, in float64 (the ratio's own value, widened exactly)."""
+    return int(math.floor(float(ratio) * n))
+
+
+def kth_largest(values: torch.Tensor, k: int, chunk: int = SELECT_CHUNK) -> float:
+    """The exact k-th largest of a 1-D tensor of non-negative floats, ties included.
+
+    ``+inf`` when ``k == 0``. A radix select over the fp32 bit pattern, which for
+    non-negative floats orders exactly like the values (the sign bit is dropped, so
+    -0.0 counts as 0): four passes of 8 bits, each a 256-bin histogram of the
+    elements that still share the selected prefix. The data is never sorted or
+    copied whole; it is read in chunks of ``chunk`` elements, so the extra memory is
+    a few chunk-sized temporaries (about 25 bytes per chunk element, counting the
+    int32 and bool temporaries alive at once: ~100 MB at the default 2^22) plus 256 counters,
+    whatever the group size. A group of 1e9 fp32 elements thus needs ~100 MB, where
+    a sorted copy with indices (``torch.sort``) needs 12 GB and ``torch.topk`` with
+    k = n/2 needs 6 GB.
+    """
+    if k <= 0:
+        return math.inf
+    n = values.numel()
+    if k > n:
+        raise ValueError(f"k={k} exceeds the {n} elements")
+    prefix, remaining = 0, k
+    for shift in (24, 16, 8, 0):
+        hist = torch.zeros(256, dtype=torch.int64, device=values.device)
+        for lo in range(0, n, chunk):
+            bits = values[lo:lo + chunk].float().view(torch.int32) & 0x7FFFFFFF
+            if shift < 24:   # keep only elements whose higher digits equal the prefix
+                bits = bits[(bits >> (shift + 8)) == (prefix >> (shift + 8))]
+            hist += torch.bincount((bits >> shift) & 0xFF, minlength=256)
+        counts = hist.tolist()
+        digit, above = 255, 0
+        while above + counts[digit] < remaining:   # walk down from the largest digit
+            above += counts[digit]
+            digit -= 1
+        prefix |= digit << shift
+        remaining -= above
+    return torch.tensor(prefix, dtype=torch.int32).view(torch.float32).item()
+
+
+def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
+    """DESIGN.md 2: per group, ``inv_scale c_g`` and ``thresh t_g``, both fp32 ``[G]``.
+
+    ``k_g = floor(rho_g * n_g)`` is computed in float64 from the value of
+    ``mask_ratio`` as given (fp32 or fp64).
+    """
+    num_groups = offsets.numel() - 1
+    inv_scale = torch.zeros(num_groups, dtype=torch.float64)
+    thresh = torch.full((num_groups,), math.inf, dtype=torch.float64)
+    ratios = mask_ratio.tolist()
+    for gi, (lo, hi) in enumerate(_group_bounds(offsets)):
+        n = hi - lo
+        omega = importance[lo:hi]
+        total = omega.double().sum().item() if n else 0.0
+        if not normalize:
+            inv_scale[gi] = 1.0
+        elif total > 0:
+            inv_scale[gi] = n / total
+        thresh[gi] = kth_largest(omega, kth_count(ratios[gi], n)) if n else math.inf
+    device = importance.device
+    return inv_scale.float().to(device), thresh.float().to(device)
+
+
+def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay,
+                 merge=None, alpha=1.0) -> None:
+    """DESIGN.md 2.2, elementwise part. ``fisher_scale`` is the bias correction
+    factor: ``F_hat = F * fisher_scale`` (``1/(1-beta**n)`` for ema, ``1/max(n,1)`` for sum)."""
+    theta = param.float()
+    a = anchor.float()
+    omega = importance.float()
+    F_hat = fisher.float() * fisher_scale
+    if merge == "fisher":
+        denom = omega + alpha * F_hat
+        merged = (omega * a + alpha * F_hat * theta) / denom
+        theta = torch.where(denom > 0, merged, theta)
+    elif merge == "linear":
+        theta = a + alpha * (theta - a)
+    param.copy_(theta)
+    importance.copy_(decay * omega + F_hat)
+    anchor.copy_(param)      # a = theta as stored, so the drift right after is exactly 0
+    fisher.zero_()
+
+
+def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
+    """DESIGN.md 2.3: reset the weights whose sign conflicts with the top-|a| anchors."""
+    for lo, hi in _group_bounds(offsets):
+        if lo == hi:
+            continue
+        a = anchor[lo:hi].float()
+        mag = a.abs()
+        m = kth_largest(mag, kth_count(align_ratio, hi - lo))
+        theta = param[lo:hi]
+        conflict = (mag >= m) & (mag > 0) & (torch.sign(theta.float()) != torch.sign(a))
+        replacement = anchor[lo:hi] if mode == "anchor" else torch.zeros_like(theta)
+        theta.copy_(torch.where(conflict, replacement.to(theta.dtype), theta))

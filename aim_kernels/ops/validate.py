@@ -1,0 +1,82 @@
+"""Argument checks shared by every backend: run before anything is touched.
+
+Each failure is a ``ValueError``/``TypeError`` that names the argument. Offsets are
+checked by value only when they live on the CPU; on a GPU that would cost a host
+sync every step (the model-level API builds them itself).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fail(op: str, name: str, what: str, exc=ValueError):
+    raise exc(f"{op}: argument `{name}` {what}")
+
+
+def vector(op: str, name: str, t, *, numel: int | None, device: torch.device | None,
+           dtypes=STORAGE_DTYPES) -> torch.Tensor:
+    """A dense, contiguous 1-D tensor of one of ``dtypes``, ``numel`` long, on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        _fail(op, name, f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if t.layout != torch.strided:
+        _fail(op, name, f"must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dim() != 1:
+        _fail(op, name, f"must be 1-D, got shape {tuple(t.shape)}")
+    if numel is not None and t.numel() != numel:
+        _fail(op, name, f"must have {numel} elements, got {t.numel()}")
+    if t.dtype not in dtypes:
+        _fail(op, name, f"must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}", TypeError)
+    if device is not None and t.device != device:
+        _fail(op, name, f"must be on {device}, got {t.device}")
+    if not t.is_contiguous():
+        _fail(op, name, "must be contiguous")
+    return t
+
+
+def same_dtype(op: str, names: tuple[str, ...], tensors) -> None:
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        pairs = ", ".join(f"{n}={t.dtype}" for n, t in zip(names, tensors))
+        raise TypeError(f"{op}: arguments {names} must share one dtype, got {pairs}")
+
+
+def offsets(op: str, t, n: int, device: torch.device) -> int:
+    """Checks ``offsets`` (int64 ``[G+1]``, 0 .. n, non-decreasing); returns G."""
+    vector(op, "offsets", t, numel=None, device=device, dtypes=(torch.int64,))
+    if t.numel() < 1:
+        _fail(op, "offsets", "must hold at least one element (offsets[0] = 0)")
+    if t.device.type == "cpu":
+        if t[0].item() != 0 or t[-1].item() != n:
+            _fail(op, "offsets", f"must start at 0 and end at N={n}, got "
+                  f"{t[0].item()} .. {t[-1].item()}")
+        if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):
+            _fail(op, "offsets", "must be non-decreasing")
+    return t.numel() - 1
+
+
+def per_group(op: str, name: str, t, groups: int, device: torch.device,
+              dtypes=(torch.float32,)) -> None:
+    vector(op, name, t, numel=groups, device=device, dtypes=dtypes)
+
+
+def choice(op: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        _fail(op, name, f"must be one of {tuple(allowed)}, got {value!r}")
+
+
+def real(op: str, name: str, value, lo: float = -math.inf, hi: float = math.inf,
+         lo_open: bool = False, hi_open: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        _fail(op, name, f"must be a real number, got {value!r}", TypeError)
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if math.isnan(v) or below or above:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        _fail(op, name, f"must lie in {interval}, got {value!r}")
+    return v

@@ -1,0 +1,279 @@
+"""AIMState: the flat state buffers, their offsets, anchors and state_dict.
+
+At attach the managed parameters are re-homed into one flat buffer per
+(device, dtype) -- a *bucket* -- grouped contiguously in group order: ``p.data``
+becomes a view of the bucket's ``param`` buffer and ``p.grad`` a view of its
+``grad`` buffer, into which autograd accumulates in place. Then one step is one
+fused launch per bucket, whatever the number of parameter tensors.
+
+Every bucket carries all G groups (a group absent from it is an empty range), so
+a group index means the same thing everywhere. Anchors are stored in the
+parameter dtype (a snapshot of a bf16 weight is exact in bf16); importance and
+fisher in ``config.state_dtype``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .config import AIMConfig, GroupConfig
+
+_STATE_DICT_VERSION = 1
+
+
+@dataclass
+class Slot:
+    """Where one managed parameter lives in its bucket."""
+    name: str
+    param: torch.nn.Parameter
+    group: int
+    start: int
+    numel: int
+
+    def param_view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.start:self.start + self.numel].view(self.param.shape)
+
+
+@dataclass
+class Bucket:
+    """All managed parameters of one (device, dtype), and their state."""
+    device: torch.device
+    dtype: torch.dtype
+    slots: list[Slot]
+    offsets_host: list[int]          # [G+1], python ints: host-side arithmetic is int64-safe
+    param: torch.Tensor
+    grad: torch.Tensor
+    anchor: torch.Tensor
+    importance: torch.Tensor
+    fisher: torch.Tensor
+    offsets: torch.Tensor            # int64 [G+1] on device
+    keep: torch.Tensor               # fp32 [G]
+    lam: torch.Tensor                # fp32 [G]
+    mask_ratio: torch.Tensor         # fp64 [G]: k = floor(rho * n) as the user wrote rho
+    inv_scale: torch.Tensor = field(default=None)   # fp32 [G], global per group
+    thresh: torch.Tensor = field(default=None)      # fp32 [G], global per group
+
+    @property
+    def key(self) -> str:
+        return f"{self.device}|{str(self.dtype).removeprefix('torch.')}"
+
+    @property
+    def numel(self) -> int:
+        return self.offsets_host[-1]
+
+    def group_range(self, g: int) -> tuple[int, int]:
+        return self.offsets_host[g], self.offsets_host[g + 1]
+
+
+def _flat_layout(slots_by_group: list[list[tuple[str, torch.nn.Parameter]]]):
+    """Split the grouped parameters into buckets: ``{(device, dtype): [[(name, p)] per group]}``."""
+    buckets: dict[tuple, list[list]] = {}
+    for g, members in enumerate(slots_by_group):
+        for name, p in members:
+            per_group = buckets.setdefault((p.device, p.dtype), [[] for _ in slots_by_group])
+            per_group[g].append((name, p))
+    return buckets
+
+
+class AIMState:
+    """The per-model state of DESIGN.md section 2; made by :func:`aim_kernels.attach`."""
+
+    def __init__(self, groups: dict[str, GroupConfig],
+                 members: dict[str, list[tuple[str, torch.nn.Parameter]]], config: AIMConfig):
+        self.config = config
+        self.group_configs = groups
+        self.group_names = list(groups)
+        self.groups = {g: [name for name, _ in members[g]] for g in groups}
+        self.names = [name for g in groups for name in self.groups[g]]
+        self.steps = 0                  # masked_step calls since attach
+        self.steps_since_consolidation = 0
+        self.buckets: list[Bucket] = []
+        with torch.no_grad():
+            for (device, dtype), per_group in _flat_layout([members[g] for g in groups]).items():
+                self.buckets.append(self._make_bucket(device, dtype, per_group))
+        self._slot_by_name = {s.name: s for b in self.buckets for s in b.slots}
+        self._fingerprint = config.fingerprint(groups) + self._model_fingerprint()
+        self.refresh_thresholds()
+
+    # ---- construction --------------------------------------------------------------
+    def _make_bucket(self, device, dtype, per_group) -> Bucket:
+        slots, offsets, cursor = [], [0], 0
+        for g, members in enumerate(per_group):
+            for name, p in members:
+                slots.append(Slot(name, p, g, cursor, p.numel()))
+                cursor += p.numel()
+            offsets.append(cursor)
+        param = torch.empty(cursor, dtype=dtype, device=device)
+        grad = torch.zeros(cursor, dtype=dtype, device=device)
+        for s in slots:
+            param[s.start:s.start + s.numel].copy_(s.param.detach().reshape(-1))
+            old_grad = s.param.grad
+            s.param.data = s.param_view(param)        # re-home: optimisers keep working
+            if old_grad is not None:
+                grad[s.start:s.start + s.numel].copy_(old_grad.reshape(-1))
+            s.param.grad = s.param_view(grad)
+        cfgs = list(self.group_configs.values())
+        f32 = dict(dtype=torch.float32, device=device)
+        return Bucket(
+            device=device, dtype=dtype, slots=slots, offsets_host=offsets,
+            param=param, grad=grad, anchor=param.clone(),
+            importance=torch.zeros(cursor, dtype=self.config.state_dtype, device=device),
+            fisher=torch.zeros(cursor, dtype=self.config.state_dtype, device=device),
+            offsets=torch.tensor(offsets, dtype=torch.int64, device=device),
+            keep=torch.tensor([c.keep for c in cfgs], **f32),
+            lam=torch.tensor([c.lam for c in cfgs], **f32),
+            mask_ratio=torch.tensor([c.mask_ratio for c in cfgs], dtype=torch.float64, device=device),
+        )
+
+    def _model_fingerprint(self) -> bytes:
+        desc = [(s.name, list(s.param.shape), str(b.dtype), self.group_names[s.group])
+                for b in self.buckets for s in b.slots]
+        return hashlib.sha256(json.dumps(desc).encode()).digest()
+
+    # ---- derived per-group values ------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    def group_numel(self) -> list[int]:
+        counts = [0] * self.num_groups
+        for b in self.buckets:
+            for g in range(self.num_groups):
+                lo, hi = b.group_range(g)
+                counts[g] += hi - lo
+        return counts
+
+    def refresh_thresholds(self) -> None:
+        """Recompute ``t_g`` and ``c_g`` from the current importance (DESIGN.md 2).
+
+        One ``group_thresholds`` call per bucket. A group spread over several
+        buckets (mixed dtypes or devices) needs its k-th largest over all of them:
+        for those groups only, the importance is gathered to one fp32 vector.
+        """
+        backend = self.config.backend
+        for b in self.buckets:
+            b.inv_scale, b.thresh = ops.group_thresholds(
+                b.importance, b.offsets, b.mask_ratio, normalize=self.config.normalize,
+                backend=backend)
+        for g in range(self.num_groups):
+            holders = [b for b in self.buckets if b.group_range(g)[0] != b.group_range(g)[1]]
+            if len(holders) < 2:
+                continue
+            home = holders[0].device
+            omega = torch.cat([b.importance[slice(*b.group_range(g))].to(home, torch.float32)
+                               for b in holders])
+            ratio = holders[0].mask_ratio[g:g + 1].to(home)
+            c, t = ops.group_thresholds(omega, torch.tensor([0, omega.numel()], device=home),
+                                        ratio, normalize=self.config.normalize, backend=backend)
+            for b in self.buckets:
+                b.inv_scale[g] = c[0].to(b.device)
+                b.thresh[g] = t[0].to(b.device)
+
+    # ---- state_dict -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to resume exactly; all plain tensors (safetensors-friendly).
+
+        Bucket buffers are returned by reference, as ``nn.Module.state_dict`` does.
+        """
+        sd = {
+            "meta.version": torch.tensor([_STATE_DICT_VERSION], dtype=torch.int64),
+            "meta.fingerprint": torch.frombuffer(bytearray(self._fingerprint), dtype=torch.uint8),
+            "meta.steps": torch.tensor([self.steps, self.steps_since_consolidation], dtype=torch.int64),
+        }
+        for i, b in enumerate(self.buckets):
+            for kind in ("anchor", "importance", "fisher", "inv_scale", "thresh"):
+                sd[f"bucket{i}.{kind}"] = getattr(b, kind).detach()
+        return sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Restore a :meth:`state_dict`; checks everything before copying anything."""
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"load_state_dict: keys differ (missing {missing}, unexpected "
+                             f"{unexpected}); was it saved from another model?")
+        if int(sd["meta.version"][0]) != _STATE_DICT_VERSION:
+            raise ValueError(f"load_state_dict: state_dict version {int(sd['meta.version'][0])}, "
+                             f"this library reads {_STATE_DICT_VERSION}")
+        fp = bytes(sd["meta.fingerprint"].cpu().tolist())
+        half = len(fp) // 2
+        if fp[half:] != self._fingerprint[half:]:
+            raise ValueError("load_state_dict: the state_dict was saved from another model "
+                             "(managed parameter names, shapes, dtypes or groups differ)")
+        if fp[:half] != self._fingerprint[:half]:
+            raise ValueError("load_state_dict: the state_dict was saved with another AIMConfig "
+                             "(groups, beta, accumulate, importance, normalize, directional, "
+                             "merge, align or state_dtype differ)")
+        for key, ref in expected.items():
+            if key.startswith("meta."):
+                continue
+            t = sd[key]
+            if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+                got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"load_state_dict: {key!r} must be {tuple(ref.shape)} "
+                                 f"{ref.dtype}, got {got}")
+        with torch.no_grad():
+            for key, ref in expected.items():
+                if not key.startswith("meta."):
+                    ref.copy_(sd[key])
+        self.steps, self.steps_since_consolidation = (int(v) for v in sd["meta.steps"].tolist())
+
+    def save(self, path) -> None:
+        """Write the state_dict to a safetensors file."""
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata={"format": "aim_kernels.AIMState", "names": json.dumps(self.names)})
+
+    def load(self, path) -> None:
+        """Read a state saved by :meth:`save` (onto this state's devices)."""
+        from safetensors.torch import load_file
+        self.load_state_dict(load_file(str(path)))
+
+    # ---- grads ------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Zero the flat grad buffers and point every ``p.grad`` back at them."""
+        for b in self.buckets:
+            b.grad.zero_()
+            for s in b.slots:
+                if not _is_view(s.param.grad, s, b.grad):
+                    s.param.grad = s.param_view(b.grad)
+
+    def check_homes(self) -> None:
+        """Raise, naming the parameter, if one no longer lives in its bucket."""
+        for b in self.buckets:
+            for s in b.slots:
+                if not _is_view(s.param, s, b.param):
+                    raise RuntimeError(
+                        f"parameter {s.name!r} no longer lives in the AIM flat buffer (was the "
+                        "model moved, cast, or its .data replaced after attach?); call "
+                        "ak.detach(model) and ak.attach(model, config) again")
+
+    def __repr__(self) -> str:
+        sizes = self.group_numel()
+        groups = ", ".join(f"{g}: {len(self.groups[g])} tensors / {n:,} elements"
+                           for g, n in zip(self.group_names, sizes))
+        return (f"AIMState({groups}; buckets: {[b.key for b in self.buckets]}; "
+                f"steps={self.steps})")
+
+
+def _is_view(t, slot: Slot, flat: torch.Tensor) -> bool:
+    """Is ``t`` exactly the slot's view of ``flat``?"""
+    if t is None or t.device != flat.device or t.dtype != flat.dtype or t.shape != slot.param.shape:
+        return False
+    expected = flat.data_ptr() + slot.start * flat.element_size()
+    return t.data_ptr() == expected and (t.numel() <= 1 or t.is_contiguous())
+
+
+def bias_correction(config: AIMConfig, steps: int) -> float:
+    """The ``fisher_scale`` of DESIGN.md 2.2 after ``steps`` steps."""
+    if config.accumulate == "ema":
+        return 1.0 / (1.0 - config.beta ** steps) if steps > 0 else 1.0
+    return 1.0 / max(steps, 1)
+
+
+__all__ = ["AIMState", "Bucket", "Slot", "bias_correction"]

@@ -1,0 +1,196 @@
+"""attach / masked_step / consolidate / detach: the model-level API of DESIGN.md 3.
+
+One step = check every gradient, make sure each bucket's flat grad buffer holds
+them, then one ``ops.fused_step`` per bucket. In the common case -- ``p.grad`` is
+still the view made at attach -- nothing is copied. A ``.grad`` that user code
+replaced (``zero_grad(set_to_none=True)``, say) is copied back into the buffer
+and re-pointed at it; explicitly passed grads are copied in and out again.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from . import ops
+from .config import AIMConfig
+from .groups import assign, resolve_groups
+from .state import AIMState, Bucket, Slot, _is_view, bias_correction
+
+_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, AIMState]" = weakref.WeakKeyDictionary()
+
+
+def attach(model: torch.nn.Module, config: AIMConfig | None = None) -> AIMState:
+    """Create the AIM state of ``model``: anchors = current weights, Ω = F = 0."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"attach: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    if model in _STATES:
+        raise RuntimeError("attach: this model already has an AIMState; call "
+                           "ak.detach(model) first (one state per model)")
+    cfg = config if config is not None else AIMConfig()
+    if not isinstance(cfg, AIMConfig):
+        raise TypeError(f"attach: `config` must be an AIMConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    groups = resolve_groups(model, cfg)
+    members = assign(model, groups, user_groups=cfg.groups is not None)
+    if not any(members.values()):
+        raise ValueError("attach: the model has no trainable parameter to manage")
+    state = AIMState(groups, members, cfg)
+    _STATES[model] = state
+    return state
+
+
+def state_of(model: torch.nn.Module, op: str = "state_of") -> AIMState:
+    try:
+        return _STATES[model]
+    except (KeyError, TypeError):
+        raise RuntimeError(f"{op}: no AIMState is attached to this model; call "
+                           "ak.attach(model, config) first") from None
+
+
+def detach(model: torch.nn.Module) -> AIMState:
+    """Forget the model's state (its parameters stay where they are); returns it."""
+    state = state_of(model, "detach")
+    del _STATES[model]
+    return state
+
+
+class StepStats:
+    """Per-group stats of one step, on device; no host sync until read."""
+
+    def __init__(self, tensor: torch.Tensor, group_names: list[str]):
+        self._tensor = tensor
+        self.group_names = list(group_names)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """fp32 ``[G, 7]``, columns ``ak.ops.STAT_NAMES``."""
+        return self._tensor
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        rows = self._tensor.detach().cpu().tolist()
+        return {g: dict(zip(ops.STAT_NAMES, row)) for g, row in zip(self.group_names, rows)}
+
+    def __getitem__(self, group: str) -> dict[str, float]:
+        return self.as_dict()[group]
+
+    def __repr__(self) -> str:
+        return f"StepStats(groups={self.group_names})"
+
+
+def _check_grad(t, slot: Slot, where: str) -> None:
+    p = slot.param
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"masked_step: {where} for parameter {slot.name!r} must be a tensor, "
+                        f"got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"masked_step: {where} for parameter {slot.name!r} is {t.layout}; "
+                         "sparse gradients are not supported (use dense embeddings)")
+    if t.shape != p.shape:
+        raise ValueError(f"masked_step: {where} for parameter {slot.name!r} has shape "
+                         f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
+    if t.dtype != p.dtype:
+        raise TypeError(f"masked_step: {where} for parameter {slot.name!r} has dtype {t.dtype}, "
+                        f"the parameter {p.dtype}")
+    if t.device != p.device:
+        raise ValueError(f"masked_step: {where} for parameter {slot.name!r} is on {t.device}, "
+                         f"the parameter on {p.device}")
+
+
+def _explicit_grads(state: AIMState, grads) -> dict[str, torch.Tensor]:
+    if isinstance(grads, Mapping):
+        unknown = [k for k in grads if k not in state._slot_by_name]
+        if unknown:
+            raise ValueError(f"masked_step: grads has key {unknown[0]!r}, which is not a managed "
+                             "parameter (see state.names)")
+        missing = [n for n in state.names if n not in grads]
+        if missing:
+            raise ValueError(f"masked_step: grads lacks managed parameter {missing[0]!r} "
+                             f"({len(missing)} missing)")
+        return dict(grads)
+    if isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)):
+        if len(grads) != len(state.names):
+            raise ValueError(f"masked_step: grads has {len(grads)} entries; the state manages "
+                             f"{len(state.names)} parameters (aligned with state.names)")
+        return dict(zip(state.names, grads))
+    raise TypeError("masked_step: grads must be None, a sequence aligned with state.names, "
+                    f"or a {{name: tensor}} dict, got {type(grads).__name__}")
+
+
+def _plan(state: AIMState, grads):
+    """Check every gradient; nothing is touched. Returns the copies to make, per bucket."""
+    explicit = None if grads is None else _explicit_grads(state, grads)
+    plan: list[tuple[Bucket, list[tuple[Slot, torch.Tensor | None, bool]]]] = []
+    for b in state.buckets:
+        todo = []   # (slot, source or None for zero, scatter back?)
+        for s in b.slots:
+            if explicit is None:
+                t = s.param.grad
+                if t is None:   # documented: a missing .grad counts as a zero gradient
+                    todo.append((s, None, False))
+                    continue
+                _check_grad(t, s, ".grad")
+            else:
+                t = explicit[s.name]
+                _check_grad(t, s, "grads entry")
+            if not _is_view(t, s, b.grad):
+                todo.append((s, t, explicit is not None))
+        plan.append((b, todo))
+    return plan
+
+
+@torch.no_grad()
+def masked_step(model: torch.nn.Module, grads=None) -> StepStats:
+    """DESIGN.md 2.1 on every managed gradient, in place; one fused call per bucket.
+
+    Call after backward (and unscale/clip), before ``optimizer.step()``. ``grads``:
+    None (each managed parameter's ``.grad``; a ``.grad`` of None counts as a zero
+    gradient and is set to one), a sequence aligned with ``state.names``, or a
+    ``{name: tensor}`` dict. Returns lazy :class:`StepStats`.
+    """
+    state = state_of(model, "masked_step")
+    state.check_homes()
+    plan = _plan(state, grads)
+    cfg = state.config
+    total = None
+    for b, todo in plan:
+        for s, src, _ in todo:
+            dst = b.grad[s.start:s.start + s.numel]
+            if src is None:
+                dst.zero_()
+            else:
+                dst.copy_(src.reshape(-1))
+            if grads is None:
+                s.param.grad = s.param_view(b.grad)
+        stats = ops.fused_step(
+            b.grad, b.param, b.anchor, b.importance, b.fisher, b.offsets, b.inv_scale,
+            b.thresh, b.keep, b.lam, beta=cfg.beta, accumulate=cfg.accumulate,
+            importance_kind=cfg.importance, directional=cfg.directional, backend=cfg.backend)
+        for s, src, scatter in todo:
+            if scatter:
+                src.copy_(b.grad[s.start:s.start + s.numel].view(src.shape))
+        total = stats if total is None else total + stats.to(total.device, non_blocking=True)
+    state.steps += 1
+    state.steps_since_consolidation += 1
+    if cfg.align_every and state.steps % cfg.align_every == 0:
+        # Per bucket: a group split over dtypes/devices takes its top-|a| per bucket.
+        for b in state.buckets:
+            ops.align_(b.param, b.anchor, b.offsets, cfg.align_ratio, mode=cfg.align_mode,
+                       backend=cfg.backend)
+    return StepStats(total, state.group_names)
+
+
+@torch.no_grad()
+def consolidate(model: torch.nn.Module) -> None:
+    """End of a task (DESIGN.md 2.2): merge, Ω += F_hat, anchors = θ, F = 0, new t_g, c_g."""
+    state = state_of(model, "consolidate")
+    state.check_homes()
+    cfg = state.config
+    scale = bias_correction(cfg, state.steps_since_consolidation)
+    for b in state.buckets:
+        ops.consolidate_(b.param, b.anchor, b.importance, b.fisher, fisher_scale=scale,
+                         decay=cfg.decay, merge=cfg.merge, alpha=cfg.merge_alpha,
+                         backend=cfg.backend)
+    state.steps_since_consolidation = 0
+    state.refresh_thresholds()
