@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--method", default="aim", choices=ak.config.PRESETS)
     parser.add_argument("--steps", type=int, default=150, help="steps per task")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -1,0 +1,62 @@
+"""A toy VLM (no transformers) for fast API tests, and state snapshots."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import aim_kernels as ak
+
+
+class ToyVLM(nn.Module):
+    """vision -> projector -> language, named so the generic layout recognises it."""
+
+    def __init__(self, seed: int = 0, dtype=torch.float32, layers: int = 2):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.vision = nn.Sequential(*[nn.Linear(6, 6) for _ in range(layers)])
+        self.projector = nn.Linear(6, 5)
+        self.language = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.language(self.projector(torch.tanh(self.vision(x))))
+
+
+def toy_loss(model, seed: int, batch: int = 8) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(batch, 6, generator=gen).to(dtype)
+    y = torch.randint(0, 3, (batch,), generator=gen)
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
+def toy_groups(mask_ratio=0.25, keep=0.0, lam=1.0) -> dict[str, ak.GroupConfig]:
+    return {
+        "vision": ak.GroupConfig(r"^vision\.", mask_ratio, keep, lam),
+        "projector": ak.GroupConfig(r"^projector\.", 2 * mask_ratio, keep, 4 * lam),
+        "language": ak.GroupConfig(r"^language\.", mask_ratio, keep, lam),
+    }
+
+
+def backward(model, seed: int) -> None:
+    loss = toy_loss(model, seed)
+    loss.backward()
+
+
+def snapshot(model, state=None) -> dict[str, torch.Tensor]:
+    """Clones of every parameter, grad and state buffer, and the step counters."""
+    snap = {}
+    for name, p in model.named_parameters():
+        snap[f"param:{name}"] = p.detach().clone()
+        if p.grad is not None:
+            snap[f"grad:{name}"] = p.grad.detach().clone()
+    if state is not None:
+        for key, t in state.state_dict().items():
+            snap[f"state:{key}"] = t.detach().clone()
+    return snap
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} changed"
