@@ -37,8 +37,7 @@ def _probe(name: str) -> tuple[ModuleType | None, str]:
         try:
             native = importlib.import_module("aim_kernels.ops.native")
         except ImportError as exc:
-            return None, ("the native module aim_kernels._C is not part of this build "
-                          f"({exc}); build it with `pip install -e .` where a C++ compiler is found")
+            return None, f"the compiled module is not part of this build ({exc})"
         why = native.unavailable_reason(name)
         return (None, why) if why else (native.backend(name), "")
     if name == "triton":

@@ -1,0 +1,1 @@
+"""The minimal VLM continual-VQA loop (tiny LLaVA, synthetic tasks)."""
