@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 import aim_kernels as ak
 from aim_kernels.continual.tiny import synthetic_batch, tiny_llava
 
-TASKS = ("colour", "position")
+TASKS = ("position", "colour")
 
 
 def _print_stats(stats: ak.StepStats) -> None:
@@ -27,7 +27,7 @@ def _print_stats(stats: ak.StepStats) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="aim", choices=ak.config.PRESETS)
-    parser.add_argument("--steps", type=int, default=150, help="steps per task")
+    parser.add_argument("--steps", type=int, default=200, help="steps per task")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

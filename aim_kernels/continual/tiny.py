@@ -20,7 +20,7 @@ QUESTION = {"colour": 3, "position": 4}          # one question token per task
 ANSWER_BASE = {"colour": 10, "position": 20}      # answers are distinct vocab ids
 
 
-def tiny_llava(seed: int = 0, hidden: int = 32, layers: int = 1):
+def tiny_llava(seed: int = 0, hidden: int = 32, layers: int = 2):
     """``LlavaForConditionalGeneration`` from a tiny config, random weights, fp32."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(seed)
