@@ -31,7 +31,7 @@ def run_task(model, state, task, steps, seed):
 
 @pytest.mark.slow
 def test_two_tasks_with_aim_masks_and_stats():
-    model = tiny_llava(seed=0)
+    model = tiny_llava(seed=0, layers=1)
     cfg = ak.preset("aim")
     state = ak.attach(model, cfg)
     assert list(state.groups) == ["vision", "projector", "language"]
@@ -77,7 +77,7 @@ def test_two_tasks_with_aim_masks_and_stats():
 def test_naive_and_aim_share_the_path_and_aim_forgets_less_of_the_projector():
     drift = {}
     for method in ("naive", "aim"):
-        model = tiny_llava(seed=0)
+        model = tiny_llava(seed=0, layers=1)
         state = ak.attach(model, ak.preset(method))
         run_task(model, state, "colour", STEPS // 2, seed=0)
         ak.consolidate(model)
