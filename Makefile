@@ -23,7 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=mean,ops \
+		--benchmark-json=$$($(PY) -c "from benchmarks.conftest import results_path; print(results_path())")
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks

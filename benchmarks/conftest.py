@@ -1,0 +1,64 @@
+"""Benchmark set-up: the provenance every results JSON carries.
+
+``make bench`` writes ``benchmarks/results/<device>-<date>.json`` (pytest-benchmark
+format); its ``aim_kernels`` block says on what, with what and by which command.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import aim_kernels as ak
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(__file__), check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["aim_kernels"] = {
+        "device": device_name(),
+        "cpu_count": os.cpu_count(),
+        "versions": {"aim_kernels": ak.__version__, "torch": torch.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "backends": ak.available_backends(),
+        "commit": _commit(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:]),
+    }
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def results_path() -> str:
+    """``benchmarks/results/<device>-<date>.json`` for ``make bench``."""
+    import datetime
+    import re
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-") or "device"
+    day = datetime.date.today().isoformat()
+    return os.path.join(os.path.dirname(__file__), "results", f"{slug}-{day}.json")
