@@ -50,7 +50,7 @@ def group_thresholds(importance, offsets, mask_ratio, *, normalize=True, backend
     op = "group_thresholds"
     _v.vector(op, "importance", importance, numel=None, device=None)
     device = importance.device
-    groups = _v.offsets(op, offsets, importance.numel(), device)
+    groups = _v.offsets(op, offsets, importance.numel(), device, like="importance")
     _v.per_group(op, "mask_ratio", mask_ratio, groups, device,
                  dtypes=(torch.float32, torch.float64))
     if mask_ratio.device.type == "cpu" and groups and not bool(
@@ -67,9 +67,8 @@ def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merg
     op = "consolidate_"
     _v.vector(op, "param", param, numel=None, device=None)
     n, device = param.numel(), param.device
-    _v.vector(op, "anchor", anchor, numel=n, device=device)
-    _v.vector(op, "importance", importance, numel=n, device=device)
-    _v.vector(op, "fisher", fisher, numel=n, device=device)
+    for name, t in (("anchor", anchor), ("importance", importance), ("fisher", fisher)):
+        _v.vector(op, name, t, numel=n, device=device, like="param")
     _v.same_dtype(op, ("param", "anchor"), (param, anchor))
     _v.same_dtype(op, ("importance", "fisher"), (importance, fisher))
     fisher_scale = _v.real(op, "fisher_scale", fisher_scale, 0.0, lo_open=True)
@@ -85,9 +84,9 @@ def align_(param, anchor, offsets, align_ratio, *, mode="anchor", backend="auto"
     """DESIGN.md 2.3, in place on ``param``."""
     op = "align_"
     _v.vector(op, "param", param, numel=None, device=None)
-    _v.vector(op, "anchor", anchor, numel=param.numel(), device=param.device)
+    _v.vector(op, "anchor", anchor, numel=param.numel(), device=param.device, like="param")
     _v.same_dtype(op, ("param", "anchor"), (param, anchor))
-    _v.offsets(op, offsets, param.numel(), param.device)
+    _v.offsets(op, offsets, param.numel(), param.device, like="param")
     align_ratio = _v.real(op, "align_ratio", align_ratio, 0.0, 1.0)
     _v.choice(op, "mode", mode, ("anchor", "zero"))
     impl = resolve(backend, param.device, op)

@@ -81,7 +81,9 @@ def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thre
     for col, values in enumerate(columns):
         stats[:, col].index_add_(0, gid, values.double())
 
-    grad.copy_(g_out)
+    # A non-finite g is written back bit for bit (a round trip through fp32 could
+    # change a NaN's payload or sign), so GradScaler and the optimiser see it as it was.
+    grad.copy_(torch.where(finite, g_out.to(grad.dtype), grad))
     fisher.copy_(F_new)
     return stats.float()
 

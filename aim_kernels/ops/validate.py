@@ -18,8 +18,9 @@ def _fail(op: str, name: str, what: str, exc=ValueError):
 
 
 def vector(op: str, name: str, t, *, numel: int | None, device: torch.device | None,
-           dtypes=STORAGE_DTYPES) -> torch.Tensor:
-    """A dense, contiguous 1-D tensor of one of ``dtypes``, ``numel`` long, on ``device``."""
+           dtypes=STORAGE_DTYPES, like: str = "grad") -> torch.Tensor:
+    """A dense, contiguous 1-D tensor of one of ``dtypes``, ``numel`` long, on ``device``
+    (``numel`` and ``device`` being those of the argument ``like``)."""
     if not isinstance(t, torch.Tensor):
         _fail(op, name, f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
     if t.layout != torch.strided:
@@ -27,11 +28,11 @@ def vector(op: str, name: str, t, *, numel: int | None, device: torch.device | N
     if t.dim() != 1:
         _fail(op, name, f"must be 1-D, got shape {tuple(t.shape)}")
     if numel is not None and t.numel() != numel:
-        _fail(op, name, f"must have {numel} elements, got {t.numel()}")
+        _fail(op, name, f"must have {numel} elements like `{like}`, got {t.numel()}")
     if t.dtype not in dtypes:
         _fail(op, name, f"must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}", TypeError)
     if device is not None and t.device != device:
-        _fail(op, name, f"must be on {device}, got {t.device}")
+        _fail(op, name, f"must be on {device} like `{like}`, got {t.device}")
     if not t.is_contiguous():
         _fail(op, name, "must be contiguous")
     return t
@@ -44,14 +45,14 @@ def same_dtype(op: str, names: tuple[str, ...], tensors) -> None:
         raise TypeError(f"{op}: arguments {names} must share one dtype, got {pairs}")
 
 
-def offsets(op: str, t, n: int, device: torch.device) -> int:
+def offsets(op: str, t, n: int, device: torch.device, like: str = "grad") -> int:
     """Checks ``offsets`` (int64 ``[G+1]``, 0 .. n, non-decreasing); returns G."""
-    vector(op, "offsets", t, numel=None, device=device, dtypes=(torch.int64,))
+    vector(op, "offsets", t, numel=None, device=device, dtypes=(torch.int64,), like=like)
     if t.numel() < 1:
         _fail(op, "offsets", "must hold at least one element (offsets[0] = 0)")
     if t.device.type == "cpu":
         if t[0].item() != 0 or t[-1].item() != n:
-            _fail(op, "offsets", f"must start at 0 and end at N={n}, got "
+            _fail(op, "offsets", f"must start at 0 and end at N={n} (the length of `{like}`), got "
                   f"{t[0].item()} .. {t[-1].item()}")
         if t.numel() > 1 and bool((t[1:] < t[:-1]).any()):
             _fail(op, "offsets", "must be non-decreasing")
@@ -60,7 +61,7 @@ def offsets(op: str, t, n: int, device: torch.device) -> int:
 
 def per_group(op: str, name: str, t, groups: int, device: torch.device,
               dtypes=(torch.float32,)) -> None:
-    vector(op, name, t, numel=groups, device=device, dtypes=dtypes)
+    vector(op, name, t, numel=groups, device=device, dtypes=dtypes, like="offsets[1:]")
 
 
 def choice(op: str, name: str, value, allowed) -> None:
@@ -71,6 +72,8 @@ def choice(op: str, name: str, value, allowed) -> None:
 def real(op: str, name: str, value, lo: float = -math.inf, hi: float = math.inf,
          lo_open: bool = False, hi_open: bool = False) -> float:
     try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         _fail(op, name, f"must be a real number, got {value!r}", TypeError)
