@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops
+from . import ops, sharding
 from .config import AIMConfig, GroupConfig
 
 _STATE_DICT_VERSION = 1
@@ -27,15 +27,22 @@ _STATE_DICT_VERSION = 1
 
 @dataclass
 class Slot:
-    """Where one managed parameter lives in its bucket."""
+    """Where one managed parameter lives in its bucket.
+
+    A plain parameter is *re-homed*: its data and grad become views of the bucket.
+    An FSDP2 shard (DTensor) is not -- FSDP2 owns that storage and all-gathers from
+    it -- so its local shard is copied in before a step and back after a write.
+    """
     name: str
     param: torch.nn.Parameter
     group: int
     start: int
     numel: int
+    shape: torch.Size            # of the local tensor (the shard, for a DTensor)
+    rehomed: bool = True
 
     def param_view(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat[self.start:self.start + self.numel].view(self.param.shape)
+        return flat[self.start:self.start + self.numel].view(self.shape)
 
 
 @dataclass
@@ -89,9 +96,11 @@ class AIMState:
         self.group_names = list(groups)
         self.groups = {g: [name for name, _ in members[g]] for g in groups}
         self.names = [name for g in groups for name in self.groups[g]]
-        self.steps = 0                  # masked_step calls since attach
+        self.steps = 0                  # masked_step calls since attach (skipped ones aside)
         self.steps_since_consolidation = 0
         self.buckets: list[Bucket] = []
+        group = sharding.process_group([m for g in groups for m in members[g]])
+        self.collectives = None if group is None else sharding.Collectives(group)
         with torch.no_grad():
             for (device, dtype), per_group in _flat_layout([members[g] for g in groups]).items():
                 self.buckets.append(self._make_bucket(device, dtype, per_group))
@@ -104,13 +113,17 @@ class AIMState:
         slots, offsets, cursor = [], [0], 0
         for g, members in enumerate(per_group):
             for name, p in members:
-                slots.append(Slot(name, p, g, cursor, p.numel()))
-                cursor += p.numel()
+                shard = sharding.local(p)
+                slots.append(Slot(name, p, g, cursor, shard.numel(), shard.shape,
+                                  rehomed=not sharding.is_sharded(p)))
+                cursor += shard.numel()
             offsets.append(cursor)
         param = torch.empty(cursor, dtype=dtype, device=device)
         grad = torch.zeros(cursor, dtype=dtype, device=device)
         for s in slots:
-            param[s.start:s.start + s.numel].copy_(s.param.detach().reshape(-1))
+            param[s.start:s.start + s.numel].copy_(sharding.local(s.param.detach()).reshape(-1))
+            if not s.rehomed:
+                continue
             old_grad = s.param.grad
             s.param.data = s.param_view(param)        # re-home: optimisers keep working
             if old_grad is not None:
@@ -154,6 +167,8 @@ class AIMState:
         buckets (mixed dtypes or devices) needs its k-th largest over all of them:
         for those groups only, the importance is gathered to one fp32 vector.
         """
+        if self.collectives is not None:
+            return self._refresh_sharded_thresholds()
         backend = self.config.backend
         for b in self.buckets:
             b.inv_scale, b.thresh = ops.group_thresholds(
@@ -172,6 +187,34 @@ class AIMState:
             for b in self.buckets:
                 b.inv_scale[g] = c[0].to(b.device)
                 b.thresh[g] = t[0].to(b.device)
+
+    def group_pieces(self, kind: str) -> list[list[torch.Tensor]]:
+        """Per group, the slices of buffer ``kind`` ("param", "anchor", ...) of every bucket."""
+        return [[getattr(b, kind)[slice(*b.group_range(g))] for b in self.buckets]
+                for g in range(self.num_groups)]
+
+    def _refresh_sharded_thresholds(self) -> None:
+        ratios = [c.mask_ratio for c in self.group_configs.values()]
+        inv_scale, thresh = sharding.global_thresholds(
+            self.collectives, self.group_pieces("importance"), ratios, self.config.normalize)
+        for b in self.buckets:
+            b.inv_scale = torch.tensor(inv_scale, dtype=torch.float32, device=b.device)
+            b.thresh = torch.tensor(thresh, dtype=torch.float32, device=b.device)
+
+    # ---- shards that are copied, not re-homed ---------------------------------------
+    def pull_params(self) -> None:
+        """Copy the weights of the copied (sharded) slots into the buckets."""
+        for b in self.buckets:
+            for s in b.slots:
+                if not s.rehomed:
+                    s.param_view(b.param).copy_(sharding.local(s.param.detach()))
+
+    def push_params(self) -> None:
+        """Copy the buckets' weights back into the copied (sharded) slots."""
+        for b in self.buckets:
+            for s in b.slots:
+                if not s.rehomed:
+                    sharding.local(s.param.detach()).copy_(s.param_view(b.param))
 
     # ---- state_dict -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -240,14 +283,16 @@ class AIMState:
         for b in self.buckets:
             b.grad.zero_()
             for s in b.slots:
-                if not _is_view(s.param.grad, s, b.grad):
+                if not s.rehomed:
+                    s.param.grad = None
+                elif not _is_view(s.param.grad, s, b.grad):
                     s.param.grad = s.param_view(b.grad)
 
     def check_homes(self) -> None:
         """Raise, naming the parameter, if one no longer lives in its bucket."""
         for b in self.buckets:
             for s in b.slots:
-                if not _is_view(s.param, s, b.param):
+                if s.rehomed and not _is_view(s.param, s, b.param):
                     raise RuntimeError(
                         f"parameter {s.name!r} no longer lives in the AIM flat buffer (was the "
                         "model moved, cast, or its .data replaced after attach?); call "
@@ -263,7 +308,7 @@ class AIMState:
 
 def _is_view(t, slot: Slot, flat: torch.Tensor) -> bool:
     """Is ``t`` exactly the slot's view of ``flat``?"""
-    if t is None or t.device != flat.device or t.dtype != flat.dtype or t.shape != slot.param.shape:
+    if t is None or t.device != flat.device or t.dtype != flat.dtype or t.shape != slot.shape:
         return False
     expected = flat.data_ptr() + slot.start * flat.element_size()
     return t.data_ptr() == expected and (t.numel() <= 1 or t.is_contiguous())

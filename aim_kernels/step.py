@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import ops
+from . import ops, sharding
 from .config import AIMConfig
 from .groups import assign, resolve_groups
 from .state import AIMState, Bucket, Slot, _is_view, bias_correction
@@ -57,19 +57,30 @@ def detach(model: torch.nn.Module) -> AIMState:
 
 
 class StepStats:
-    """Per-group stats of one step, on device; no host sync until read."""
+    """Per-group stats of one step, on device; no host sync until read.
 
-    def __init__(self, tensor: torch.Tensor, group_names: list[str]):
+    ``skipped`` is True when the step was skipped (``masked_step(..., skip=...)``): the
+    stats are then all zero. For a sharded (FSDP2) model the stats are of this
+    process's shard; :meth:`as_dict` all-reduces them, so every process must call it.
+    """
+
+    def __init__(self, tensor: torch.Tensor, group_names: list[str], *, skipped: bool = False,
+                 collectives=None):
         self._tensor = tensor
         self.group_names = list(group_names)
+        self.skipped = skipped
+        self._collectives = collectives
 
     @property
     def tensor(self) -> torch.Tensor:
-        """fp32 ``[G, 7]``, columns ``ak.ops.STAT_NAMES``."""
+        """fp32 ``[G, 7]``, columns ``ak.ops.STAT_NAMES`` (this process's shard only)."""
         return self._tensor
 
     def as_dict(self) -> dict[str, dict[str, float]]:
-        rows = self._tensor.detach().cpu().tolist()
+        t = self._tensor.detach()
+        if self._collectives is not None:
+            t = self._collectives.sum(t.double())
+        rows = t.cpu().tolist()
         return {g: dict(zip(ops.STAT_NAMES, row)) for g, row in zip(self.group_names, rows)}
 
     def __getitem__(self, group: str) -> dict[str, float]:
@@ -79,7 +90,8 @@ class StepStats:
         return f"StepStats(groups={self.group_names})"
 
 
-def _check_grad(t, slot: Slot, where: str) -> None:
+def _check_grad(t, slot: Slot, where: str) -> torch.Tensor:
+    """The local gradient tensor, after checking it against the parameter."""
     p = slot.param
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"masked_step: {where} for parameter {slot.name!r} must be a tensor, "
@@ -96,6 +108,11 @@ def _check_grad(t, slot: Slot, where: str) -> None:
     if t.device != p.device:
         raise ValueError(f"masked_step: {where} for parameter {slot.name!r} is on {t.device}, "
                          f"the parameter on {p.device}")
+    if sharding.is_sharded(p) != sharding.is_sharded(t):
+        raise TypeError(f"masked_step: {where} for parameter {slot.name!r} must be "
+                        f"{'a DTensor like' if sharding.is_sharded(p) else 'a plain tensor like'} "
+                        "the parameter")
+    return sharding.local(t)
 
 
 def _explicit_grads(state: AIMState, grads) -> dict[str, torch.Tensor]:
@@ -119,41 +136,64 @@ def _explicit_grads(state: AIMState, grads) -> dict[str, torch.Tensor]:
 
 
 def _plan(state: AIMState, grads):
-    """Check every gradient; nothing is touched. Returns the copies to make, per bucket."""
+    """Check every gradient; nothing is touched. Returns the copies to make, per bucket:
+    ``(slot, local source or None for a zero gradient, copy the result back?)``."""
     explicit = None if grads is None else _explicit_grads(state, grads)
     plan: list[tuple[Bucket, list[tuple[Slot, torch.Tensor | None, bool]]]] = []
     for b in state.buckets:
-        todo = []   # (slot, source or None for zero, scatter back?)
+        todo = []
         for s in b.slots:
             if explicit is None:
                 t = s.param.grad
                 if t is None:   # documented: a missing .grad counts as a zero gradient
                     todo.append((s, None, False))
                     continue
-                _check_grad(t, s, ".grad")
+                t = _check_grad(t, s, ".grad")
             else:
-                t = explicit[s.name]
-                _check_grad(t, s, "grads entry")
+                t = _check_grad(explicit[s.name], s, "grads entry")
             if not _is_view(t, s, b.grad):
-                todo.append((s, t, explicit is not None))
+                todo.append((s, t, explicit is not None or not s.rehomed))
         plan.append((b, todo))
     return plan
 
 
+def _should_skip(skip) -> bool | None:
+    """``skip``: a bool, a tensor (non-zero = skip; read with one host sync, as GradScaler
+    does), or "nonfinite" (skip when any managed gradient is non-finite)."""
+    if isinstance(skip, str):
+        if skip != "nonfinite":
+            raise ValueError(f"masked_step: skip must be a bool, a tensor or 'nonfinite', "
+                             f"got {skip!r}")
+        return None   # decided after the gradients are in the buckets
+    if isinstance(skip, torch.Tensor):
+        if skip.numel() != 1:
+            raise ValueError(f"masked_step: skip tensor must hold one value, got shape "
+                             f"{tuple(skip.shape)}")
+        return bool(skip.item())
+    if not isinstance(skip, bool):
+        raise TypeError(f"masked_step: skip must be a bool, a tensor or 'nonfinite', "
+                        f"got {type(skip).__name__}")
+    return skip
+
+
 @torch.no_grad()
-def masked_step(model: torch.nn.Module, grads=None) -> StepStats:
+def masked_step(model: torch.nn.Module, grads=None, *, skip=False) -> StepStats:
     """DESIGN.md 2.1 on every managed gradient, in place; one fused call per bucket.
 
     Call after backward (and unscale/clip), before ``optimizer.step()``. ``grads``:
     None (each managed parameter's ``.grad``; a ``.grad`` of None counts as a zero
     gradient and is set to one), a sequence aligned with ``state.names``, or a
-    ``{name: tensor}`` dict. Returns lazy :class:`StepStats`.
+    ``{name: tensor}`` dict. ``skip``: True (or a non-zero tensor, e.g. GradScaler's
+    found-inf) leaves the state, the step count and the gradients untouched, for a step
+    the optimiser will not take; "nonfinite" skips when any gradient is non-finite.
+    Returns lazy :class:`StepStats`.
     """
     state = state_of(model, "masked_step")
     state.check_homes()
     plan = _plan(state, grads)
-    cfg = state.config
-    total = None
+    skipping = _should_skip(skip)
+    if skipping:
+        return _skipped(state)
     for b, todo in plan:
         for s, src, _ in todo:
             dst = b.grad[s.start:s.start + s.numel]
@@ -161,8 +201,14 @@ def masked_step(model: torch.nn.Module, grads=None) -> StepStats:
                 dst.zero_()
             else:
                 dst.copy_(src.reshape(-1))
-            if grads is None:
+            if grads is None and s.rehomed:
                 s.param.grad = s.param_view(b.grad)
+    if skipping is None and _any_nonfinite(state):
+        return _skipped(state)
+    state.pull_params()
+    cfg = state.config
+    total = None
+    for b, todo in plan:
         stats = ops.fused_step(
             b.grad, b.param, b.anchor, b.importance, b.fisher, b.offsets, b.inv_scale,
             b.thresh, b.keep, b.lam, beta=cfg.beta, accumulate=cfg.accumulate,
@@ -174,11 +220,37 @@ def masked_step(model: torch.nn.Module, grads=None) -> StepStats:
     state.steps += 1
     state.steps_since_consolidation += 1
     if cfg.align_every and state.steps % cfg.align_every == 0:
-        # Per bucket: a group split over dtypes/devices takes its top-|a| per bucket.
-        for b in state.buckets:
-            ops.align_(b.param, b.anchor, b.offsets, cfg.align_ratio, mode=cfg.align_mode,
-                       backend=cfg.backend)
-    return StepStats(total, state.group_names)
+        _align(state)
+    return StepStats(total, state.group_names, collectives=state.collectives)
+
+
+def _any_nonfinite(state: AIMState) -> bool:
+    """Any non-finite managed gradient, on any process of a sharded model (one sync)."""
+    flag = torch.zeros(1, dtype=torch.float64)
+    for b in state.buckets:
+        flag += (~torch.isfinite(b.grad)).any().double().cpu()
+    if state.collectives is not None:
+        flag = state.collectives.sum(flag)
+    return bool(flag.item())
+
+
+def _skipped(state: AIMState) -> StepStats:
+    device = state.buckets[0].device if state.buckets else torch.device("cpu")
+    zeros = torch.zeros(state.num_groups, len(ops.STAT_NAMES), device=device)
+    return StepStats(zeros, state.group_names, skipped=True, collectives=state.collectives)
+
+
+def _align(state: AIMState) -> None:
+    cfg = state.config
+    if state.collectives is not None:     # m_g over every shard of the group
+        sharding.global_align_(state.collectives, state.group_pieces("param"),
+                               state.group_pieces("anchor"), cfg.align_ratio, cfg.align_mode)
+        state.push_params()
+        return
+    # Per bucket: a group split over dtypes/devices takes its top-|a| per bucket.
+    for b in state.buckets:
+        ops.align_(b.param, b.anchor, b.offsets, cfg.align_ratio, mode=cfg.align_mode,
+                   backend=cfg.backend)
 
 
 @torch.no_grad()
@@ -186,11 +258,13 @@ def consolidate(model: torch.nn.Module) -> None:
     """End of a task (DESIGN.md 2.2): merge, Ω += F_hat, anchors = θ, F = 0, new t_g, c_g."""
     state = state_of(model, "consolidate")
     state.check_homes()
+    state.pull_params()
     cfg = state.config
     scale = bias_correction(cfg, state.steps_since_consolidation)
     for b in state.buckets:
         ops.consolidate_(b.param, b.anchor, b.importance, b.fisher, fisher_scale=scale,
                          decay=cfg.decay, merge=cfg.merge, alpha=cfg.merge_alpha,
                          backend=cfg.backend)
+    state.push_params()
     state.steps_since_consolidation = 0
     state.refresh_thresholds()

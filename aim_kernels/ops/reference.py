@@ -93,7 +93,8 @@ def kth_count(ratio: float, n: int) -> int:
     return int(math.floor(float(ratio) * n))
 
 
-def kth_largest(values: torch.Tensor, k: int, chunk: int = SELECT_CHUNK) -> float:
+def kth_largest(values: torch.Tensor, k: int, chunk: int = SELECT_CHUNK,
+                hist_reduce=None) -> float:
     """The exact k-th largest of a 1-D tensor of non-negative floats, ties included.
 
     ``+inf`` when ``k == 0``. A radix select over the fp32 bit pattern, which for
@@ -106,11 +107,15 @@ def kth_largest(values: torch.Tensor, k: int, chunk: int = SELECT_CHUNK) -> floa
     whatever the group size. A group of 1e9 fp32 elements thus needs ~100 MB, where
     a sorted copy with indices (``torch.sort``) needs 12 GB and ``torch.topk`` with
     k = n/2 needs 6 GB.
+
+    ``hist_reduce``, when given, combines each pass's histogram over the shards of a
+    group held by other processes (an all-reduce sum), so ``values`` is this
+    process's shard and ``k`` counts over the whole group.
     """
     if k <= 0:
         return math.inf
     n = values.numel()
-    if k > n:
+    if k > n and hist_reduce is None:
         raise ValueError(f"k={k} exceeds the {n} elements")
     prefix, remaining = 0, k
     for shift in (24, 16, 8, 0):
@@ -120,6 +125,8 @@ def kth_largest(values: torch.Tensor, k: int, chunk: int = SELECT_CHUNK) -> floa
             if shift < 24:   # keep only elements whose higher digits equal the prefix
                 bits = bits[(bits >> (shift + 8)) == (prefix >> (shift + 8))]
             hist += torch.bincount((bits >> shift) & 0xFF, minlength=256)
+        if hist_reduce is not None:
+            hist = hist_reduce(hist)
         counts = hist.tolist()
         digit, above = 255, 0
         while above + counts[digit] < remaining:   # walk down from the largest digit
@@ -178,10 +185,14 @@ def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
     for lo, hi in _group_bounds(offsets):
         if lo == hi:
             continue
-        a = anchor[lo:hi].float()
-        mag = a.abs()
-        m = kth_largest(mag, kth_count(align_ratio, hi - lo))
-        theta = param[lo:hi]
-        conflict = (mag >= m) & (mag > 0) & (torch.sign(theta.float()) != torch.sign(a))
-        replacement = anchor[lo:hi] if mode == "anchor" else torch.zeros_like(theta)
-        theta.copy_(torch.where(conflict, replacement.to(theta.dtype), theta))
+        m = kth_largest(anchor[lo:hi].float().abs(), kth_count(align_ratio, hi - lo))
+        align_group_(param[lo:hi], anchor[lo:hi], m, mode)
+
+
+def align_group_(theta: torch.Tensor, anchor: torch.Tensor, m: float, mode: str) -> None:
+    """DESIGN.md 2.3 on the elements of one group, given its ``m_g``."""
+    a = anchor.float()
+    mag = a.abs()
+    conflict = (mag >= m) & (mag > 0) & (torch.sign(theta.float()) != torch.sign(a))
+    replacement = anchor if mode == "anchor" else torch.zeros_like(theta)
+    theta.copy_(torch.where(conflict, replacement.to(theta.dtype), theta))
