@@ -1,0 +1,157 @@
+"""The per-process side of tests/test_distributed.py (2 processes, gloo, CPU).
+
+``train`` is the one training recipe every run follows -- single process, DDP, FSDP2 --
+so the runs differ only in how the model is distributed. Each process writes what the
+test compares into ``out/<name>-rank<r>.pt``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+import aim_kernels as ak
+from aim_kernels import sharding
+from aim_kernels.ops import reference
+from tests.vlm_toy import ToyVLM, toy_groups
+
+GLOBAL_BATCH = 8
+TASKS, STEPS = 2, 4
+
+
+def config() -> ak.AIMConfig:
+    return ak.AIMConfig(groups=toy_groups(mask_ratio=0.3, lam=2.0), align_every=3,
+                        align_ratio=0.5, beta=0.9)
+
+
+def batch(task: int, step: int, rank: int = 0, world: int = 1):
+    """This process's share of the global batch of (task, step)."""
+    gen = torch.Generator().manual_seed(1000 * task + step)
+    x = torch.randn(GLOBAL_BATCH, 6, generator=gen) + task
+    y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=gen)
+    share = GLOBAL_BATCH // world
+    return x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+
+
+def train(model, inner, rank: int = 0, world: int = 1) -> list[dict]:
+    """Two tasks of SGD with masked_step every step; returns the stats of every step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = []
+    for task in range(TASKS):
+        for step in range(STEPS):
+            x, y = batch(task, step, rank, world)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            stats.append(ak.masked_step(inner).as_dict())
+            opt.step()
+        ak.consolidate(inner)
+    return stats
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if sharding.is_sharded(t) else t
+
+
+def per_param_state(model, state) -> dict[str, torch.Tensor]:
+    """Full (unsharded) anchor / importance / fisher per parameter, and c_g, t_g."""
+    from aim_kernels.integrations.distributed import _dcp_state_dict
+    out = {}
+    if state.collectives is None:
+        for b in state.buckets:
+            for s in b.slots:
+                for kind in ("anchor", "importance", "fisher"):
+                    out[f"{s.name}.{kind}"] = s.param_view(getattr(b, kind)).clone()
+    else:
+        out = {k: full(v).clone() for k, v in _dcp_state_dict(state).items()
+               if not k.startswith("meta.")}
+    out["inv_scale"] = state.buckets[0].inv_scale.clone()
+    out["thresh"] = state.buckets[0].thresh.clone()
+    for name, p in model.named_parameters():
+        out[f"param:{name}"] = full(p.detach()).clone()
+    return out
+
+
+def single_process_run() -> dict:
+    model = ToyVLM(seed=0)
+    state = ak.attach(model, config())
+    stats = train(model, model)
+    return {"stats": stats, "state": per_param_state(model, state), "steps": state.steps}
+
+
+def _fsdp(rank: int, world: int, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    model = ToyVLM(seed=0)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    state = ak.attach(model, config())
+    stats = train(model, model, rank, world)
+    result = {"stats": stats, "state": per_param_state(model, state), "steps": state.steps,
+              "sharded": state.collectives is not None,
+              "local_numel": sum(b.numel for b in state.buckets)}
+
+    # DCP round trip into a fresh sharded model; a wrong config is refused untouched.
+    from aim_kernels.integrations import distributed as dist_ckpt
+    ckpt = os.path.join(out, "fsdp-ckpt")
+    dist_ckpt.save(state, ckpt)
+    fresh = ToyVLM(seed=1)
+    for module in fresh.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(fresh)
+    other = ak.attach(fresh, ak.AIMConfig(groups=toy_groups(mask_ratio=0.1, lam=2.0)))
+    before = per_param_state(fresh, other)
+    try:
+        dist_ckpt.load(other, ckpt)
+        result["wrong_config_error"] = ""
+    except ValueError as exc:
+        result["wrong_config_error"] = str(exc)
+    result["wrong_config_untouched"] = all(torch.equal(before[k], v)
+                                           for k, v in per_param_state(fresh, other).items())
+    ak.detach(fresh)
+    reloaded = ak.attach(fresh, config())
+    dist_ckpt.load(reloaded, ckpt)
+    result["reloaded"] = {k: v for k, v in per_param_state(fresh, reloaded).items()
+                          if not k.startswith("param:")}
+    result["reloaded_steps"] = (reloaded.steps, reloaded.steps_since_consolidation)
+    torch.save(result, os.path.join(out, f"fsdp-rank{rank}.pt"))
+
+
+def _ddp(rank: int, world: int, out: str) -> None:
+    model = ToyVLM(seed=0)
+    state = ak.attach(model, config())       # attach first: DDP then sees the re-homed params
+    ddp = nn.parallel.DistributedDataParallel(model)
+    stats = train(ddp, model, rank, world)
+    torch.save({"stats": stats, "state": per_param_state(model, state), "steps": state.steps},
+               os.path.join(out, f"ddp-rank{rank}.pt"))
+
+
+def _thresholds(rank: int, world: int, out: str) -> None:
+    """Global thresholds of a vector split unevenly over the processes, ties included."""
+    gen = torch.Generator().manual_seed(7)
+    omega = torch.randint(0, 6, (101,), generator=gen).float() / 4       # many ties
+    offsets = torch.tensor([0, 40, 40, 101])                             # an empty group
+    ratio = torch.tensor([0.3, 0.5, 0.75], dtype=torch.float64)
+    cut = [0, 23, 101][rank:rank + 2] if world == 2 else [0, 101]
+    pieces = [[omega[max(lo, cut[0]):min(hi, cut[1])]] if min(hi, cut[1]) > max(lo, cut[0])
+               else [] for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    coll = sharding.Collectives(torch.distributed.group.WORLD)
+    c, t = sharding.global_thresholds(coll, pieces, ratio.tolist(), normalize=True)
+    c_ref, t_ref = reference.group_thresholds(omega, offsets, ratio)
+    torch.save({"c": c, "t": t, "c_ref": c_ref.tolist(), "t_ref": t_ref.tolist()},
+               os.path.join(out, f"thresholds-rank{rank}.pt"))
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        _thresholds(rank, world, out)
+        _ddp(rank, world, out)
+        _fsdp(rank, world, out)
+    finally:
+        torch.distributed.destroy_process_group()
