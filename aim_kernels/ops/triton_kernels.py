@@ -1,0 +1,521 @@
+"""Triton backend: the four flat ops of DESIGN.md section 3, one kernel family each.
+
+Organisation (every kernel covers all groups in one launch, whatever G):
+
+* ``fused_step`` -- ``_fused_step_kernel``. A program owns a chunk of ``BLOCK * TILES``
+  elements. Each element finds its group by a binary search over ``offsets`` (``STEPS =
+  bit_length(G)`` gathers of the small, cached offsets table). When the whole chunk lies
+  in one group (the common case) the per-group scalars are loaded once and the 7 stats
+  are accumulated in registers over the tiles, then added with 7 atomics; a chunk that
+  spans groups reduces each tile once per group present in it (a loop over the distinct
+  groups of the tile, not over G) and adds one atomic per (tile, group, stat). No
+  per-element atomics. Stats are accumulated in an fp64 ``[G, 7]`` workspace (counts stay
+  exact past 2^24 and sums are rounded once, like the reference's fp64 sums) and
+  returned as fp32 -- the workspace memset and the final cast are the only other
+  device operations; nothing waits on the host.
+* ``group_thresholds`` and the magnitude threshold of ``align_`` -- an exact radix
+  select over the fp32 bit pattern (sign bit dropped, as in ``reference.kth_largest``):
+  four passes of 8 bits. Each pass is one launch of ``_hist_kernel`` (per-program
+  ``tl.histogram`` of the elements still matching the group's selected prefix, then one
+  vector atomic of 256 int64 bins per (program, group)), followed by one launch of
+  ``_pick_kernel`` (one program per group: finds the bin holding the k-th largest,
+  extends the prefix, updates the remaining k). The first pass also sums the group's
+  values in fp64 for ``inv_scale``. No sort, no copy of the data; extra memory is
+  ``4 * G * 256`` int64 counters. ``k = floor(rho * n)`` is taken in fp64 on the device.
+* ``consolidate_`` -- ``_consolidate_kernel``, elementwise; ``align_`` -- the select on
+  ``|anchor|`` then ``_align_kernel``, elementwise, writing only the reset elements.
+
+All math is fp32 on fp32/bf16/fp16 storage (loads upcast, stores round once); element
+indices are int64. On a GPU the block sizes are autotuned (``triton.autotune``, with
+``restore_value``/``reset_to_zero`` so tuning runs never leave a trace in the in-place
+outputs; small inputs skip tuning) and FMA contraction is off, so results follow the
+reference's separate multiply/add. Under ``TRITON_INTERPRET=1`` (read only through
+``backends.triton_interpreting``) the same kernels run on CPU tensors with a fixed small
+block and no autotuning.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backends as _backends
+
+__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_"]
+
+NUM_STATS = 7
+RADIX_BITS = tl.constexpr(8)
+BINS = tl.constexpr(256)
+_NBINS = 256                     # the same, for host code
+SHIFTS = (24, 16, 8, 0)          # the four 8-bit digits of the (sign-less) fp32 bits
+
+# Fixed launch parameters under the interpreter: small blocks, so the tests' few hundred
+# elements still span several programs and chunks that straddle groups (the interpreter's
+# cost is per program and per nested call, so not smaller than needed).
+INTERPRET_META = {
+    "step": dict(BLOCK=64, TILES=2),
+    "elementwise": dict(BLOCK=128),
+    "hist": dict(BLOCK=128),
+}
+# Below this many elements autotuning is skipped (first config): timings would be noise.
+TUNE_MIN_N = 1 << 20
+PICK_WARPS = 2
+
+
+# --------------------------------------------------------------------------- helpers (device)
+
+@triton.jit
+def _group_of(idx, offsets_ptr, G, STEPS: tl.constexpr):
+    """``searchsorted(offsets[1:], idx, right=True)``: the group holding element ``idx``
+    (scalar or block, int64); ``G`` for an index past the end. ``STEPS >= log2(G+1)``."""
+    lo = idx * 0
+    hi = lo + G
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) >> 1
+        end = tl.load(offsets_ptr + 1 + mid, mask=active, other=0)
+        right = end <= idx
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & (end > idx), mid, hi)
+    return lo
+
+
+@triton.jit
+def _step_tile(idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+               fisher_ptr, beta, one_minus_beta, EMA: tl.constexpr, FISHER: tl.constexpr,
+               DIRECTIONAL: tl.constexpr):
+    """DESIGN.md 2.1 on one tile: stores g_out and F, returns the 7 per-element stat terms."""
+    g_raw = tl.load(grad_ptr + idx, mask=m, other=0.0)
+    f_raw = tl.load(fisher_ptr + idx, mask=m, other=0.0)
+    g = g_raw.to(tl.float32)
+    theta = tl.load(param_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    a = tl.load(anchor_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    omega = tl.load(imp_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    F = f_raw.to(tl.float32)
+
+    finite = tl.abs(g) < float("inf")            # False for +-inf and NaN
+    if FISHER:
+        u = g * g
+    else:
+        u = tl.abs(g)
+    if EMA:
+        F_new = beta * F + one_minus_beta * u
+    else:
+        F_new = F + u
+    s = c * omega
+    masked = (omega >= t) & (omega > 0.0)
+    d = theta - a
+    r = lam_g * s * d
+    if DIRECTIONAL:
+        r = tl.where(g * d < 0.0, r, 0.0)
+    g_out = tl.where(masked, kappa, 1.0) * g + r
+
+    # a non-finite g (and the F it must not touch) is written back bit for bit
+    tl.store(grad_ptr + idx, tl.where(finite, g_out.to(g_raw.dtype), g_raw), mask=m)
+    tl.store(fisher_ptr + idx, tl.where(finite, F_new.to(f_raw.dtype), f_raw), mask=m)
+
+    grad_sq = tl.where(finite, g * g, 0.0)
+    out_sq = tl.where(finite, g_out * g_out, 0.0)
+    reg_sq = tl.where(finite, r * r, 0.0)
+    drift_sq = d * d
+    penalty = 0.5 * lam_g * s * d * d
+    n_masked = tl.where(masked, 1.0, 0.0)        # lanes past N load 0: unmasked, finite
+    n_nonfinite = tl.where(finite, 0.0, 1.0)
+    return grad_sq, out_sq, reg_sq, drift_sq, penalty, n_masked, n_nonfinite
+
+
+@triton.jit
+def _add_stats(ws_ptr, g, sel, v0, v1, v2, v3, v4, v5, v6):
+    """Adds the selected lanes' stat terms to row ``g`` of the fp64 [G, 7] workspace."""
+    row = ws_ptr + g * 7
+    tl.atomic_add(row + 0, tl.sum(tl.where(sel, v0, 0.0)).to(tl.float64))
+    tl.atomic_add(row + 1, tl.sum(tl.where(sel, v1, 0.0)).to(tl.float64))
+    tl.atomic_add(row + 2, tl.sum(tl.where(sel, v2, 0.0)).to(tl.float64))
+    tl.atomic_add(row + 3, tl.sum(tl.where(sel, v3, 0.0)).to(tl.float64))
+    tl.atomic_add(row + 4, tl.sum(tl.where(sel, v4, 0.0)).to(tl.float64))
+    tl.atomic_add(row + 5, tl.sum(tl.where(sel, v5, 0.0)).to(tl.float64))
+    tl.atomic_add(row + 6, tl.sum(tl.where(sel, v6, 0.0)).to(tl.float64))
+
+
+# --------------------------------------------------------------------------- fused step
+
+@triton.jit
+def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, offsets_ptr,
+                       inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, N, G,
+                       beta, one_minus_beta,
+                       EMA: tl.constexpr, FISHER: tl.constexpr, DIRECTIONAL: tl.constexpr,
+                       STEPS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * (BLOCK * TILES)
+    last = tl.minimum(start + BLOCK * TILES, N) - 1
+    g_first = _group_of(start, offsets_ptr, G, STEPS)
+    g_last = _group_of(last, offsets_ptr, G, STEPS)
+    lanes = tl.arange(0, BLOCK)
+    if g_first == g_last:
+        # the whole chunk lies in one group: its scalars once, stats in registers
+        c = tl.load(inv_scale_ptr + g_first)
+        t = tl.load(thresh_ptr + g_first)
+        kappa = tl.load(keep_ptr + g_first)
+        lam_g = tl.load(lam_ptr + g_first)
+        a0 = tl.zeros([BLOCK], dtype=tl.float32)
+        a1 = tl.zeros([BLOCK], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK], dtype=tl.float32)
+        a3 = tl.zeros([BLOCK], dtype=tl.float32)
+        a4 = tl.zeros([BLOCK], dtype=tl.float32)
+        a5 = tl.zeros([BLOCK], dtype=tl.float32)
+        a6 = tl.zeros([BLOCK], dtype=tl.float32)
+        for tile in range(TILES):
+            idx = start + tile * BLOCK + lanes
+            m = idx < N
+            v0, v1, v2, v3, v4, v5, v6 = _step_tile(
+                idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+                fisher_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL)
+            a0 += v0
+            a1 += v1
+            a2 += v2
+            a3 += v3
+            a4 += v4
+            a5 += v5
+            a6 += v6
+        _add_stats(ws_ptr, g_first, lanes >= 0, a0, a1, a2, a3, a4, a5, a6)
+    else:
+        # the chunk straddles groups: per tile, one reduction per group present in it
+        for tile in range(TILES):
+            idx = start + tile * BLOCK + lanes
+            m = idx < N
+            gid = _group_of(idx, offsets_ptr, G, STEPS)
+            gid = tl.where(m, gid, G)
+            c = tl.load(inv_scale_ptr + gid, mask=m, other=0.0)
+            t = tl.load(thresh_ptr + gid, mask=m, other=0.0)
+            kappa = tl.load(keep_ptr + gid, mask=m, other=0.0)
+            lam_g = tl.load(lam_ptr + gid, mask=m, other=0.0)
+            v0, v1, v2, v3, v4, v5, v6 = _step_tile(
+                idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+                fisher_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL)
+            g = tl.min(gid)
+            while g < G:
+                _add_stats(ws_ptr, g, gid == g, v0, v1, v2, v3, v4, v5, v6)
+                g = tl.min(tl.where(gid > g, gid, G))
+
+
+# --------------------------------------------------------------------------- radix select
+
+@triton.jit
+def _kth_count(offsets_ptr, ratio_ptr, g):
+    """``k = floor(ratio_g * n_g)`` in fp64, clamped to [0, n_g] (0 for a NaN ratio)."""
+    n = tl.load(offsets_ptr + g + 1) - tl.load(offsets_ptr + g)
+    nf = n.to(tl.float64)
+    kf = tl.floor(tl.load(ratio_ptr + g).to(tl.float64) * nf)
+    kf = tl.where(kf >= 1.0, kf, 0.0)
+    kf = tl.where(kf <= nf, kf, nf)
+    return kf.to(tl.int64), n
+
+
+@triton.jit
+def _hist_add(hist_ptr, g, digit, keep, BLOCK: tl.constexpr, BINS_: tl.constexpr):
+    """Adds the 256-bin histogram of the kept lanes' digits to group ``g``'s counters.
+    (Excluded lanes are counted in bin 0 and subtracted: no reliance on the ``mask``
+    argument of ``tl.histogram``, which older Triton lacks.)"""
+    bins = tl.arange(0, BINS_)
+    h = tl.histogram(tl.where(keep, digit, 0), BINS_)
+    excluded = BLOCK - tl.sum(keep.to(tl.int32))
+    h = h - tl.where(bins == 0, excluded, 0)
+    tl.atomic_add(hist_ptr + g * BINS_ + bins, h.to(tl.int64), mask=h > 0)
+
+
+@triton.jit
+def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, sum_ptr,
+                 N, G, SHIFT: tl.constexpr, FIRST: tl.constexpr, SUM: tl.constexpr,
+                 STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """One radix pass: per group, the histogram of digit ``(bits >> SHIFT) & 255`` over
+    the elements whose higher digits equal the group's prefix (all of them in the first
+    pass, which also sums the values in fp64 when ``SUM``)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = idx < N
+    x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    digit = (bits >> SHIFT) & (BINS - 1)
+    gid = tl.where(m, _group_of(idx, offsets_ptr, G, STEPS), G)
+    g = tl.min(gid)
+    while g < G:
+        sel = gid == g
+        if FIRST:
+            if SUM:
+                tl.atomic_add(sum_ptr + g, tl.sum(tl.where(sel, x.to(tl.float64), 0.0)))
+            k, n = _kth_count(offsets_ptr, ratio_ptr, g)
+            if k > 0:
+                _hist_add(hist_ptr, g, digit, sel, BLOCK, BINS)
+        else:
+            if tl.load(rem_ptr + g) > 0:
+                prefix = tl.load(prefix_ptr + g).to(tl.int32)
+                keep = sel & ((bits >> (SHIFT + RADIX_BITS)) == (prefix >> (SHIFT + RADIX_BITS)))
+                _hist_add(hist_ptr, g, digit, keep, BLOCK, BINS)
+        g = tl.min(tl.where(gid > g, gid, G))
+
+
+@triton.jit
+def _pick_kernel(hist_ptr, prefix_ptr, rem_ptr, sum_ptr, offsets_ptr, ratio_ptr,
+                 inv_scale_ptr, thresh_ptr, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                 LAST: tl.constexpr, SUM: tl.constexpr, NORMALIZE: tl.constexpr):
+    """One program per group: the digit of the k-th largest from this pass's histogram
+    (the largest digit d with count(digit >= d) >= remaining k), the new prefix and k.
+    The first pass also writes ``inv_scale`` (when ``SUM``), the last one ``thresh``."""
+    g = tl.program_id(0).to(tl.int64)
+    if FIRST:
+        rem, n = _kth_count(offsets_ptr, ratio_ptr, g)
+        prefix = rem * 0
+        if SUM:
+            total = tl.load(sum_ptr + g)
+            if NORMALIZE:
+                c = tl.where(total > 0.0, n.to(tl.float64) / total, 0.0)
+            else:
+                c = total * 0.0 + 1.0
+            tl.store(inv_scale_ptr + g, c.to(tl.float32))
+    else:
+        rem = tl.load(rem_ptr + g)
+        prefix = tl.load(prefix_ptr + g)
+    bins = tl.arange(0, BINS)
+    h = tl.load(hist_ptr + g * BINS + bins)
+    at_or_above = tl.sum(h) - tl.cumsum(h, 0) + h          # count of digits >= d
+    digit = tl.max(tl.where(at_or_above >= rem, bins, 0)).to(tl.int64)
+    above = tl.sum(tl.where(bins > digit, h, 0))
+    active = rem > 0
+    prefix = tl.where(active, prefix | (digit << SHIFT), prefix)
+    rem = tl.where(active, rem - above, rem)
+    tl.store(prefix_ptr + g, prefix)
+    tl.store(rem_ptr + g, rem)
+    if LAST:
+        value = prefix.to(tl.int32).to(tl.float32, bitcast=True)
+        tl.store(thresh_ptr + g, tl.where(active, value, float("inf")))
+
+
+# --------------------------------------------------------------------------- consolidate, align
+
+@triton.jit
+def _consolidate_kernel(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, N, fisher_scale, decay,
+                        alpha, MERGE: tl.constexpr, BLOCK: tl.constexpr):
+    """DESIGN.md 2.2, elementwise. MERGE: 0 none, 1 fisher, 2 linear."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = idx < N
+    t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
+    a = tl.load(anchor_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    omega_raw = tl.load(imp_ptr + idx, mask=m, other=0.0)
+    omega = omega_raw.to(tl.float32)
+    F_hat = tl.load(fisher_ptr + idx, mask=m, other=0.0).to(tl.float32) * fisher_scale
+    theta = t_raw.to(tl.float32)
+    if MERGE == 1:
+        denom = omega + alpha * F_hat
+        merged = tl.math.div_rn(omega * a + alpha * F_hat * theta, denom)
+        new = tl.where(denom > 0.0, merged.to(t_raw.dtype), t_raw)
+        tl.store(param_ptr + idx, new, mask=m)
+    elif MERGE == 2:
+        new = (a + alpha * (theta - a)).to(t_raw.dtype)
+        tl.store(param_ptr + idx, new, mask=m)
+    else:
+        new = t_raw
+    tl.store(anchor_ptr + idx, new, mask=m)                  # a = theta as stored
+    tl.store(imp_ptr + idx, (decay * omega + F_hat).to(omega_raw.dtype), mask=m)
+    tl.store(fisher_ptr + idx, tl.zeros([BLOCK], dtype=omega_raw.dtype), mask=m)
+
+
+@triton.jit
+def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, ZERO: tl.constexpr,
+                  STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``)."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = idx < N
+    gid = _group_of(idx, offsets_ptr, G, STEPS)
+    bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
+    t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
+    a_raw = tl.load(anchor_ptr + idx, mask=m, other=0.0)
+    a = a_raw.to(tl.float32)
+    theta = t_raw.to(tl.float32)
+    mag = tl.abs(a)
+    sign_a = (a > 0.0).to(tl.int32) - (a < 0.0).to(tl.int32)
+    sign_t = (theta > 0.0).to(tl.int32) - (theta < 0.0).to(tl.int32)
+    conflict = m & (mag >= bound) & (mag > 0.0) & (sign_t != sign_a)
+    if ZERO:
+        new = tl.zeros([BLOCK], dtype=t_raw.dtype)
+    else:
+        new = a_raw
+    tl.store(param_ptr + idx, new, mask=conflict)
+
+
+# --------------------------------------------------------------------------- launching
+
+def _bench(kernel_call, quantiles):
+    """Timing used by the autotuner (module-level so a test can substitute it)."""
+    return triton.testing.do_bench(kernel_call, quantiles=quantiles)
+
+
+def _do_bench(kernel_call, quantiles):
+    return _bench(kernel_call, quantiles)
+
+
+def _prune_small(configs, nargs, **kwargs):
+    """Small inputs run the first config untuned (tuning them would time noise)."""
+    return configs[:1] if nargs["N"] < TUNE_MIN_N else configs
+
+
+def _tuned(configs, restore=(), reset=()):
+    return triton.autotune(configs=configs, key=["N"], restore_value=list(restore),
+                           reset_to_zero=list(reset), do_bench=_do_bench,
+                           prune_configs_by={"early_config_prune": _prune_small})
+
+
+_C = triton.Config
+# fused_step: about 8-16 elements per thread; TILES > 1 cuts the stat atomics per element
+_STEP_CONFIGS = [
+    _C({"BLOCK": 1024, "TILES": 1}, num_warps=4),
+    _C({"BLOCK": 1024, "TILES": 4}, num_warps=4),
+    _C({"BLOCK": 2048, "TILES": 2}, num_warps=8),
+    _C({"BLOCK": 2048, "TILES": 4}, num_warps=4),
+    _C({"BLOCK": 4096, "TILES": 2}, num_warps=16),
+    _C({"BLOCK": 4096, "TILES": 4}, num_warps=8),
+]
+_ELEMENTWISE_CONFIGS = [
+    _C({"BLOCK": 1024}, num_warps=4),
+    _C({"BLOCK": 2048}, num_warps=8),
+    _C({"BLOCK": 4096}, num_warps=8),
+    _C({"BLOCK": 4096}, num_warps=16),
+]
+_HIST_CONFIGS = [
+    _C({"BLOCK": 1024}, num_warps=4),
+    _C({"BLOCK": 2048}, num_warps=8),
+    _C({"BLOCK": 4096}, num_warps=8),
+]
+
+_KERNELS = {
+    # name: (plain jit function, autotuned wrapper, key of INTERPRET_META)
+    "step": (_fused_step_kernel,
+             _tuned(_STEP_CONFIGS, restore=("grad_ptr", "fisher_ptr"), reset=("ws_ptr",))(
+                 _fused_step_kernel), "step"),
+    "hist": (_hist_kernel,
+             _tuned(_HIST_CONFIGS, reset=("hist_ptr", "sum_ptr"))(_hist_kernel), "hist"),
+    "consolidate": (_consolidate_kernel,
+                    _tuned(_ELEMENTWISE_CONFIGS,
+                           restore=("param_ptr", "anchor_ptr", "imp_ptr", "fisher_ptr"))(
+                        _consolidate_kernel), "elementwise"),
+    "align": (_align_kernel,
+              _tuned(_ELEMENTWISE_CONFIGS, restore=("param_ptr",))(_align_kernel),
+              "elementwise"),
+}
+
+
+def autotuned() -> bool:
+    """Whether launches go through ``triton.autotune`` (on a GPU) rather than the fixed
+    small blocks of the interpreter."""
+    return not _backends.triton_interpreting()
+
+
+def _launch(name: str, n: int, args: tuple, **meta) -> None:
+    """Launches kernel ``name`` over ``n`` elements: autotuned on a GPU, fixed blocks
+    under the interpreter. The grid is ``cdiv(n, BLOCK * TILES)``."""
+    plain, tuned, fixed = _KERNELS[name]
+
+    def grid(m):
+        return (triton.cdiv(n, m["BLOCK"] * m.get("TILES", 1)),)
+
+    if autotuned():
+        tuned[grid](*args, **meta, enable_fp_fusion=False)
+    else:
+        plain[grid](*args, **meta, **INTERPRET_META[fixed])
+
+
+def _launch_pick(num_groups: int, args: tuple, **meta) -> None:
+    extra = {} if _backends.triton_interpreting() else dict(num_warps=PICK_WARPS,
+                                                            enable_fp_fusion=False)
+    _pick_kernel[(num_groups,)](*args, **meta, **extra)
+
+
+def _steps(num_groups: int) -> int:
+    """Binary-search steps over the G group ends: ceil(log2(G + 1)) <= bit_length(G)."""
+    return max(1, int(num_groups).bit_length())
+
+
+def _on_device(t: torch.Tensor):
+    """Makes the tensor's GPU the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- the ops
+
+def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+               *, beta, accumulate="ema", importance_kind="fisher", directional=True):
+    """DESIGN.md 2.1 in one launch; returns the fp32 ``[G, 7]`` stats (on the device)."""
+    n, num_groups = grad.numel(), offsets.numel() - 1
+    with _on_device(grad):
+        ws = torch.zeros((num_groups, NUM_STATS), dtype=torch.float64, device=grad.device)
+        if n:
+            beta = float(beta)
+            _launch("step", n, (grad, param, anchor, importance, fisher, offsets, inv_scale,
+                                thresh, keep, lam, ws, n, num_groups, beta, 1.0 - beta),
+                    EMA=accumulate == "ema", FISHER=importance_kind == "fisher",
+                    DIRECTIONAL=bool(directional), STEPS=_steps(num_groups))
+        return ws.to(torch.float32)
+
+
+def _select(values, offsets, ratio, *, with_sum: bool, normalize: bool = True):
+    """Per group, the exact k-th largest of ``|values|`` (fp32 bits), ``k = floor(ratio_g *
+    n_g)`` (``+inf`` for k = 0); with ``with_sum``, also ``inv_scale`` from the fp64 sums.
+    Returns ``(inv_scale or None, thresh)``, fp32 ``[G]``, on the device, without a host sync.
+    """
+    n, num_groups = values.numel(), offsets.numel() - 1
+    dev = values.device
+    # one zeroed int64 workspace: 4 histograms [G, 256], then prefix, remaining k, fp64 sum
+    ws = torch.zeros(len(SHIFTS) * num_groups * _NBINS + 3 * num_groups, dtype=torch.int64,
+                     device=dev)
+    hists = ws[:len(SHIFTS) * num_groups * _NBINS].view(len(SHIFTS), num_groups * _NBINS)
+    tail = ws[len(SHIFTS) * num_groups * _NBINS:]
+    prefix, rem = tail[:num_groups], tail[num_groups:2 * num_groups]
+    sums = tail[2 * num_groups:].view(torch.float64)
+    inv_scale = torch.empty(num_groups, dtype=torch.float32, device=dev)
+    thresh = torch.empty(num_groups, dtype=torch.float32, device=dev)
+    if num_groups == 0:
+        return (inv_scale if with_sum else None), thresh
+    steps = _steps(num_groups)
+    for p, shift in enumerate(SHIFTS):
+        first, last = p == 0, p == len(SHIFTS) - 1
+        if n:
+            _launch("hist", n, (values, offsets, ratio, hists[p], prefix, rem, sums, n,
+                                num_groups),
+                    SHIFT=shift, FIRST=first, SUM=with_sum and first, STEPS=steps)
+        _launch_pick(num_groups, (hists[p], prefix, rem, sums, offsets, ratio, inv_scale,
+                                  thresh),
+                     SHIFT=shift, FIRST=first, LAST=last, SUM=with_sum and first,
+                     NORMALIZE=bool(normalize))
+    return (inv_scale if with_sum else None), thresh
+
+
+def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
+    """DESIGN.md 2: ``(inv_scale, thresh)``, fp32 ``[G]``, by a 4-pass radix select."""
+    with _on_device(importance):
+        return _select(importance, offsets, mask_ratio, with_sum=True, normalize=normalize)
+
+
+def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
+                 alpha=1.0) -> None:
+    """DESIGN.md 2.2, elementwise part, in one launch."""
+    n = param.numel()
+    if not n:
+        return
+    with _on_device(param):
+        _launch("consolidate", n, (param, anchor, importance, fisher, n, float(fisher_scale),
+                                   float(decay), float(alpha)),
+                MERGE={None: 0, "fisher": 1, "linear": 2}[merge])
+
+
+def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
+    """DESIGN.md 2.3: select on |anchor| (4 passes), then one elementwise launch."""
+    n, num_groups = param.numel(), offsets.numel() - 1
+    if not n:
+        return
+    with _on_device(param):
+        # the ratio as an fp64 device tensor: k = floor(ratio * n) in fp64 of the value given
+        ratio = torch.full((num_groups,), float(align_ratio), dtype=torch.float64,
+                           device=param.device)
+        _, bound = _select(anchor, offsets, ratio, with_sum=False)
+        _launch("align", n, (param, anchor, offsets, bound, n, num_groups),
+                ZERO=mode == "zero", STEPS=_steps(num_groups))
+
