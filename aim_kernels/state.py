@@ -105,6 +105,7 @@ class AIMState:
             for (device, dtype), per_group in _flat_layout([members[g] for g in groups]).items():
                 self.buckets.append(self._make_bucket(device, dtype, per_group))
         self._slot_by_name = {s.name: s for b in self.buckets for s in b.slots}
+        self._copied = [(b, s) for b in self.buckets for s in b.slots if not s.rehomed]
         self._fingerprint = config.fingerprint(groups) + self._model_fingerprint()
         self.refresh_thresholds()
 
@@ -204,17 +205,13 @@ class AIMState:
     # ---- shards that are copied, not re-homed ---------------------------------------
     def pull_params(self) -> None:
         """Copy the weights of the copied (sharded) slots into the buckets."""
-        for b in self.buckets:
-            for s in b.slots:
-                if not s.rehomed:
-                    s.param_view(b.param).copy_(sharding.local(s.param.detach()))
+        for b, s in self._copied:
+            s.param_view(b.param).copy_(sharding.local(s.param.detach()))
 
     def push_params(self) -> None:
         """Copy the buckets' weights back into the copied (sharded) slots."""
-        for b in self.buckets:
-            for s in b.slots:
-                if not s.rehomed:
-                    sharding.local(s.param.detach()).copy_(s.param_view(b.param))
+        for b, s in self._copied:
+            sharding.local(s.param.detach()).copy_(s.param_view(b.param))
 
     # ---- state_dict -----------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
