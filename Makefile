@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.aim-installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements-dev.txt pyproject.toml setup.py
+$(STAMP): requirements-dev.txt pyproject.toml setup.py CMakeLists.txt $(shell find csrc python -type f -not -name '*.pyc')
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -28,3 +28,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks
+
+# make wheel CUDA=13.0 | CUDA=13.2 | CUDA=cpu  -> dist/aim_kernels-<v>+cu130|+cu132|+cpu-*.whl
+# (a CUDA version without an nvcc here gets NVIDIA's compiler from PyPI in build/)
+CUDA ?= auto
+.PHONY: wheel
+wheel: $(STAMP)
+	$(PY) python/build_wheel.py --cuda $(CUDA)
