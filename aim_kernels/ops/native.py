@@ -290,20 +290,30 @@ def _(param, anchor, importance, fisher, fisher_scale, decay, merge, alpha):
 
 @torch.library.custom_op("aim_kernels::align_", mutates_args=("param",))
 def _align_op(param: Tensor, anchor: Tensor, offsets: Tensor, align_ratio: float,
-              mode: str) -> None:
-    _align_impl(param, anchor, offsets, align_ratio, mode)
+              align_mode: str) -> None:
+    # (named align_mode: an argument called `mode` collides with torch's mode dispatch)
+    _align_impl(param, anchor, offsets, align_ratio, align_mode)
 
 
 @_align_op.register_fake
-def _(param, anchor, offsets, align_ratio, mode):
+def _(param, anchor, offsets, align_ratio, align_mode):
     return None
 
 
 # --------------------------------------------------------------------------- public (backend)
 
+def _tensors(op: str, **named) -> None:
+    """The dispatcher would reject a non-tensor too, but without naming it as we do."""
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: argument `{name}` must be a torch.Tensor, got {type(t).__name__}")
+
+
 def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
                *, beta, accumulate="ema", importance_kind="fisher", directional=True) -> Tensor:
     """DESIGN.md 2.1 (signature of ``reference.fused_step``): in place on grad and fisher."""
+    _tensors("fused_step", grad=grad, param=param, anchor=anchor, importance=importance,
+             fisher=fisher, offsets=offsets, inv_scale=inv_scale, thresh=thresh, keep=keep, lam=lam)
     return torch.ops.aim_kernels.fused_step(grad, param, anchor, importance, fisher, offsets,
                                             inv_scale, thresh, keep, lam, float(beta),
                                             accumulate, importance_kind, bool(directional))
@@ -311,15 +321,18 @@ def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thre
 
 def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
     """``(inv_scale, thresh)``, fp32 ``[G]`` (signature of ``reference.group_thresholds``)."""
+    _tensors("group_thresholds", importance=importance, offsets=offsets, mask_ratio=mask_ratio)
     return torch.ops.aim_kernels.group_thresholds(importance, offsets, mask_ratio,
                                                   bool(normalize))
 
 
 def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
                  alpha=1.0) -> None:
+    _tensors("consolidate_", param=param, anchor=anchor, importance=importance, fisher=fisher)
     torch.ops.aim_kernels.consolidate_(param, anchor, importance, fisher, float(fisher_scale),
                                        float(decay), merge, float(alpha))
 
 
 def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
+    _tensors("align_", param=param, anchor=anchor, offsets=offsets)
     torch.ops.aim_kernels.align_(param, anchor, offsets, float(align_ratio), mode)
