@@ -16,3 +16,24 @@ def test_python_m_aim_kernels_reports_every_backend():
 def test_cli_info(capsys):
     assert main(["info"]) == 0
     assert "backends:" in capsys.readouterr().out
+
+
+def test_report_says_what_the_native_module_was_built_for():
+    from aim_kernels import diagnostics
+    from aim_kernels.ops import native
+    out = diagnostics.report()
+    info = native.built_info()
+    if not info["built"]:
+        assert "native module: not built" in out
+        assert re.search(r"cpu\s+unavailable: .*not built", out)
+        return
+    assert "native module:" in out and re.search(r"cpu\s+usable", out)
+    if info["cuda"]:
+        assert f"built for CUDA {info['cuda']}, sm {info['archs']}" in out
+        assert "driver:" in out
+        if not native._C.cuda_driver_version():
+            assert "driver: none found" in out
+    else:
+        assert "cuda: not compiled in" in out
+    if not __import__("torch").cuda.is_available():
+        assert re.search(r"cuda\s+unavailable: ", out)
