@@ -61,6 +61,11 @@ INTERPRET_META = {
 }
 # Below this many elements autotuning is skipped (first config): timings would be noise.
 TUNE_MIN_N = 1 << 20
+# Tunings are keyed by ``bit_length(N)`` (the kernels' ``tune_bucket`` argument), capped: all
+# inputs past 2^TUNE_CAP_LOG2 elements share one tuning, done on their first 2^TUNE_CAP_LOG2
+# elements -- so the copies the autotuner keeps of in-place outputs stay bounded (tuning a
+# 7B-element step in place would clone the whole gradient and Fisher buffers).
+TUNE_CAP_LOG2 = 24
 PICK_WARPS = 2
 
 
@@ -144,7 +149,7 @@ def _add_stats(ws_ptr, g, sel, v0, v1, v2, v3, v4, v5, v6):
 @triton.jit
 def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, offsets_ptr,
                        inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, N, G,
-                       beta, one_minus_beta,
+                       beta, one_minus_beta, tune_bucket,
                        EMA: tl.constexpr, FISHER: tl.constexpr, DIRECTIONAL: tl.constexpr,
                        STEPS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * (BLOCK * TILES)
@@ -226,7 +231,7 @@ def _hist_add(hist_ptr, g, digit, keep, BLOCK: tl.constexpr, BINS_: tl.constexpr
 
 @triton.jit
 def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, sum_ptr,
-                 N, G, SHIFT: tl.constexpr, FIRST: tl.constexpr, SUM: tl.constexpr,
+                 N, G, tune_bucket, SHIFT: tl.constexpr, FIRST: tl.constexpr, SUM: tl.constexpr,
                  STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """One radix pass: per group, the histogram of digit ``(bits >> SHIFT) & 255`` over
     the elements whose higher digits equal the group's prefix (all of them in the first
@@ -294,7 +299,7 @@ def _pick_kernel(hist_ptr, prefix_ptr, rem_ptr, sum_ptr, offsets_ptr, ratio_ptr,
 
 @triton.jit
 def _consolidate_kernel(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, N, fisher_scale, decay,
-                        alpha, MERGE: tl.constexpr, BLOCK: tl.constexpr):
+                        alpha, tune_bucket, MERGE: tl.constexpr, BLOCK: tl.constexpr):
     """DESIGN.md 2.2, elementwise. MERGE: 0 none, 1 fisher, 2 linear."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = idx < N
@@ -320,8 +325,8 @@ def _consolidate_kernel(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, N, fisher_sc
 
 
 @triton.jit
-def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, ZERO: tl.constexpr,
-                  STEPS: tl.constexpr, BLOCK: tl.constexpr):
+def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, tune_bucket,
+                  ZERO: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``)."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = idx < N
@@ -359,73 +364,107 @@ def _prune_small(configs, nargs, **kwargs):
 
 
 def _tuned(configs, restore=(), reset=()):
-    return triton.autotune(configs=configs, key=["N"], restore_value=list(restore),
+    return triton.autotune(configs=configs, key=["tune_bucket"], restore_value=list(restore),
                            reset_to_zero=list(reset), do_bench=_do_bench,
                            prune_configs_by={"early_config_prune": _prune_small})
 
 
 _C = triton.Config
-# fused_step: about 8-16 elements per thread; TILES > 1 cuts the stat atomics per element
+# Register use was read from sm_90 cubins compiled on a CPU-only machine (no GPU was lent):
+# 4 fp32 elements per thread keep fused_step near 72 registers (TILES=1) / ~100 (TILES=4)
+# with no spill; 8 per thread (128-bit bf16 loads) costs 140. The first config of each list
+# is the untuned choice for inputs below TUNE_MIN_N elements.
 _STEP_CONFIGS = [
+    _C({"BLOCK": 1024, "TILES": 1}, num_warps=8),
+    _C({"BLOCK": 1024, "TILES": 4}, num_warps=8),
+    _C({"BLOCK": 2048, "TILES": 1}, num_warps=16),
+    _C({"BLOCK": 2048, "TILES": 2}, num_warps=16),
+    _C({"BLOCK": 512, "TILES": 4}, num_warps=4),
     _C({"BLOCK": 1024, "TILES": 1}, num_warps=4),
-    _C({"BLOCK": 1024, "TILES": 4}, num_warps=4),
-    _C({"BLOCK": 2048, "TILES": 2}, num_warps=8),
-    _C({"BLOCK": 2048, "TILES": 4}, num_warps=4),
-    _C({"BLOCK": 4096, "TILES": 2}, num_warps=16),
-    _C({"BLOCK": 4096, "TILES": 4}, num_warps=8),
 ]
 _ELEMENTWISE_CONFIGS = [
+    _C({"BLOCK": 1024}, num_warps=8),
+    _C({"BLOCK": 2048}, num_warps=16),
     _C({"BLOCK": 1024}, num_warps=4),
     _C({"BLOCK": 2048}, num_warps=8),
-    _C({"BLOCK": 4096}, num_warps=8),
-    _C({"BLOCK": 4096}, num_warps=16),
 ]
 _HIST_CONFIGS = [
-    _C({"BLOCK": 1024}, num_warps=4),
+    _C({"BLOCK": 1024}, num_warps=8),
+    _C({"BLOCK": 2048}, num_warps=16),
     _C({"BLOCK": 2048}, num_warps=8),
-    _C({"BLOCK": 4096}, num_warps=8),
 ]
 
+class _Roles:
+    """Positional arguments of a data kernel, for tuning on a prefix: ``elem`` per-element
+    tensors (sliced), ``inplace`` those it writes (restored after), ``scratch`` its atomic
+    accumulators (replaced by zeros), ``n`` the index of ``N``."""
+
+    def __init__(self, elem, inplace, scratch, n):
+        self.elem, self.inplace, self.scratch, self.n = elem, inplace, scratch, n
+
+
 _KERNELS = {
-    # name: (plain jit function, autotuned wrapper, key of INTERPRET_META)
+    # name: (plain jit function, autotuned wrapper, key of INTERPRET_META, argument roles)
     "step": (_fused_step_kernel,
              _tuned(_STEP_CONFIGS, restore=("grad_ptr", "fisher_ptr"), reset=("ws_ptr",))(
-                 _fused_step_kernel), "step"),
+                 _fused_step_kernel), "step", _Roles((0, 1, 2, 3, 4), (0, 4), (10,), 11)),
     "hist": (_hist_kernel,
-             _tuned(_HIST_CONFIGS, reset=("hist_ptr", "sum_ptr"))(_hist_kernel), "hist"),
+             _tuned(_HIST_CONFIGS, reset=("hist_ptr", "sum_ptr"))(_hist_kernel), "hist",
+             _Roles((0,), (), (3, 6), 7)),
     "consolidate": (_consolidate_kernel,
                     _tuned(_ELEMENTWISE_CONFIGS,
                            restore=("param_ptr", "anchor_ptr", "imp_ptr", "fisher_ptr"))(
-                        _consolidate_kernel), "elementwise"),
+                        _consolidate_kernel), "elementwise",
+                    _Roles((0, 1, 2, 3), (0, 1, 2, 3), (), 4)),
     "align": (_align_kernel,
               _tuned(_ELEMENTWISE_CONFIGS, restore=("param_ptr",))(_align_kernel),
-              "elementwise"),
+              "elementwise", _Roles((0, 1), (0,), (), 4)),
 }
+_TUNED: set = set()          # (kernel, bucket, dtypes) tuned on a prefix already
 
 
 def autotuned() -> bool:
-    """Whether launches go through ``triton.autotune`` (on a GPU) rather than the fixed
-    small blocks of the interpreter."""
+    """Whether launches are GPU launches -- autotuned, with GPU compile options -- rather
+    than the fixed small blocks of the interpreter. The one place that asks."""
     return not _backends.triton_interpreting()
+
+
+def _grid(n: int):
+    return lambda m: (triton.cdiv(n, m["BLOCK"] * m.get("TILES", 1)),)
+
+
+def _tune_bucket(n: int) -> int:
+    return min(int(n).bit_length(), TUNE_CAP_LOG2 + 1)
 
 
 def _launch(name: str, n: int, args: tuple, **meta) -> None:
     """Launches kernel ``name`` over ``n`` elements: autotuned on a GPU, fixed blocks
     under the interpreter. The grid is ``cdiv(n, BLOCK * TILES)``."""
-    plain, tuned, fixed = _KERNELS[name]
-
-    def grid(m):
-        return (triton.cdiv(n, m["BLOCK"] * m.get("TILES", 1)),)
-
-    if autotuned():
-        tuned[grid](*args, **meta, enable_fp_fusion=False)
-    else:
-        plain[grid](*args, **meta, **INTERPRET_META[fixed])
+    plain, tuned, fixed, roles = _KERNELS[name]
+    bucket = _tune_bucket(n)
+    if not autotuned():
+        plain[_grid(n)](*args, bucket, **meta, **INTERPRET_META[fixed])
+        return
+    cap = 1 << TUNE_CAP_LOG2
+    if n > cap:
+        key = (name, bucket, tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+        if key not in _TUNED:           # tune on the first 2^TUNE_CAP_LOG2 elements, once
+            short = list(args)
+            saved = [(args[i], args[i][:cap].clone()) for i in roles.inplace]
+            for i in roles.elem:
+                short[i] = args[i][:cap]
+            for i in roles.scratch:
+                short[i] = torch.zeros_like(args[i])
+            short[roles.n] = cap
+            tuned[_grid(cap)](*short, bucket, **meta, enable_fp_fusion=False)
+            for full, before in saved:
+                full[:cap].copy_(before)
+            _TUNED.add(key)
+    tuned[_grid(n)](*args, bucket, **meta, enable_fp_fusion=False)
 
 
 def _launch_pick(num_groups: int, args: tuple, **meta) -> None:
-    extra = {} if _backends.triton_interpreting() else dict(num_warps=PICK_WARPS,
-                                                            enable_fp_fusion=False)
+    extra = dict(num_warps=PICK_WARPS, enable_fp_fusion=False) if autotuned() else {}
     _pick_kernel[(num_groups,)](*args, **meta, **extra)
 
 

@@ -1,0 +1,456 @@
+"""The Triton backend beyond the shared matrix of ``test_backends.py``.
+
+Tiers (the file is cheap to collect; each test says what it needs):
+* always: dispatch order of ``backend="auto"`` and the availability/skip reasons (no kernel
+  runs, so these are instant);
+* ``TRITON_INTERPRET=1`` (``make test`` runs it, CPU tensors): hypothesis fuzzing against
+  the reference with few small examples (fp32, and fp16 storage, which the interpreter
+  rounds like a GPU; bf16 is GPU-only: the interpreter truncates fp32 -> bf16), the
+  launch count per op whatever G, autotuning off, and the autotuned launch path itself
+  driven with a fake timer (so its restore/reset hooks are checked on CPU);
+* ``AIM_TRITON_AOT=1`` (``make test`` runs it, no GPU needed): every kernel compiled to an
+  sm_80 / sm_90 cubin by Triton's own compiler, with its register use and spills checked;
+* a CUDA GPU (``cuda`` mark): no host sync inside the ops, and a large multi-block case
+  through real autotuning.
+"""
+from __future__ import annotations
+
+import math
+import os
+import types
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aim_kernels as ak
+import aim_kernels.ops as ops
+from aim_kernels.ops import backends as B
+from aim_kernels.ops import reference
+from tests import cases as C
+from tests.test_backends import check_output, check_stats, upcast
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+interpreter = pytest.mark.skipif(
+    not B.triton_interpreting() or bool(B.unavailable_reason("triton")),
+    reason="runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 "
+           "(`make test` runs this tier)")
+
+
+def kernels():
+    from aim_kernels.ops import triton_kernels
+    return triton_kernels
+
+
+# --------------------------------------------------------------------------- dispatch (always)
+
+@pytest.fixture
+def fake_backends(monkeypatch):
+    """Every backend 'built'; the test says which ones are unavailable."""
+    modules = {name: types.SimpleNamespace(name=name) for name in B.BACKENDS}
+    missing: set[str] = set()
+    monkeypatch.setattr(B, "_probe", lambda name: (modules[name], ""))
+    monkeypatch.setattr(B, "unavailable_reason",
+                        lambda name: f"{name} missing" if name in missing else "")
+    return missing
+
+
+@pytest.mark.parametrize("missing,expected", [
+    ((), "cuda"),                       # compiled CUDA first
+    (("cuda",), "triton"),              # else Triton
+    (("cuda", "triton"), "torch"),      # else the reference
+    (("triton",), "cuda"),
+])
+def test_triton_auto_order_on_cuda_tensors(fake_backends, missing, expected):
+    fake_backends.update(missing)
+    assert B.resolve("auto", torch.device("cuda"), "op").name == expected
+
+
+@pytest.mark.parametrize("interpreting", [False, True])
+def test_triton_never_auto_on_cpu_tensors(fake_backends, monkeypatch, interpreting):
+    monkeypatch.setattr(B, "triton_interpreting", lambda: interpreting)
+    assert B.resolve("auto", torch.device("cpu"), "op").name == "cpu"
+    fake_backends.add("cpu")
+    assert B.resolve("auto", torch.device("cpu"), "op").name == "torch"
+    # asked for by name, Triton runs CPU tensors only under the interpreter
+    if interpreting:
+        assert B.resolve("triton", torch.device("cpu"), "op").name == "triton"
+    else:
+        with pytest.raises(B.BackendUnavailable, match="cannot run on tensors on device cpu"):
+            B.resolve("triton", torch.device("cpu"), "op")
+
+
+def test_triton_availability_and_skip_reason(monkeypatch):
+    import importlib.util
+    installed = importlib.util.find_spec("triton") is not None
+    usable = installed and (torch.cuda.is_available() or B.triton_interpreting())
+    assert ("triton" in ak.available_backends()) == usable
+    # without a GPU and without the interpreter: unavailable, and the reason says what to do
+    monkeypatch.setattr(B, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    why = B.unavailable_reason("triton")
+    assert why and ("TRITON_INTERPRET=1" in why or "not installed" in why)
+    assert "triton" not in ak.available_backends()
+    with pytest.raises(B.BackendUnavailable, match="backend 'triton' is not available"):
+        ops.consolidate_(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3),
+                         fisher_scale=1.0, decay=1.0, backend="triton")
+    # ... and the backend matrix skips its Triton cases with that reason
+    from tests.test_backends import backend_marks
+    skips = [m for m in backend_marks("triton") if m.name == "skip"]
+    assert skips and why in skips[0].kwargs["reason"]
+
+
+# --------------------------------------------------------------------------- interpreter tier
+
+FUZZ = settings(max_examples=8, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+sizes_st = st.lists(st.integers(0, 70), min_size=1, max_size=6)
+
+
+def _step_against_reference(case):
+    t = C.make_tensors(case)
+    ref = C.clone(t)
+    args, kw = C.step_args(case, ref)
+    ref_stats = reference.fused_step(*args, **kw)
+    ref32 = upcast(t)
+    args, kw = C.step_args(case, ref32)
+    ref32_stats = reference.fused_step(*args, **kw)
+    got = C.clone(t)
+    args, kw = C.step_args(case, got)
+    stats = ops.fused_step(*args, **kw, backend="triton")
+    check_output("grad", got["grad"], ref["grad"], ref32["grad"])
+    check_output("fisher", got["fisher"], ref["fisher"], ref32["fisher"])
+    check_stats(stats, ref_stats, ref32_stats, case.dtype)
+
+
+@interpreter
+@FUZZ
+@given(sizes=sizes_st, dtype=st.sampled_from([F32, F16]), flags=st.sampled_from(C.FLAGS),
+       beta=st.sampled_from([0.0, 1.0, 0.9, 0.37]),
+       ratio=st.lists(st.floats(0.0, 0.99), min_size=1, max_size=6),
+       keep=st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=1, max_size=6),
+       normalize=st.booleans(), nonfinite=st.booleans(), omega=st.sampled_from(C.OMEGA_KINDS),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_triton_fused_step_fuzz(sizes, dtype, flags, beta, ratio, keep, normalize, nonfinite,
+                                omega, seed):
+    acc, kind, directional = flags
+    case = C.Case("step", "n1", dtype=dtype, state_dtype=dtype if seed % 2 else F32,
+                  beta=beta, accumulate=acc, importance_kind=kind, directional=directional,
+                  normalize=normalize, nonfinite=nonfinite, omega=omega, seed=seed,
+                  custom_sizes=tuple(sizes), custom_ratio=tuple(ratio), custom_keep=tuple(keep))
+    _step_against_reference(case)
+
+
+@interpreter
+@FUZZ
+@given(sizes=sizes_st, ratio=st.lists(st.floats(0.0, 0.999), min_size=1, max_size=6),
+       ratio_dtype=st.sampled_from([F32, torch.float64]), state_dtype=st.sampled_from([F32, F16]),
+       omega=st.sampled_from(C.OMEGA_KINDS), normalize=st.booleans(),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_triton_group_thresholds_fuzz(sizes, ratio, ratio_dtype, state_dtype, omega, normalize,
+                                      seed):
+    case = C.Case("thresholds", "n1", state_dtype=state_dtype, omega=omega, normalize=normalize,
+                  ratio_dtype=ratio_dtype, seed=seed, custom_sizes=tuple(sizes),
+                  custom_ratio=tuple(ratio))
+    t = C.make_tensors(case)
+    c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
+                                              normalize=normalize)
+    c_got, t_got = ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
+                                        normalize=normalize, backend="triton")
+    assert torch.equal(t_got, t_ref), f"thresh is exact: {t_got.tolist()} != {t_ref.tolist()}"
+    torch.testing.assert_close(c_got, c_ref, rtol=1e-5, atol=0)
+
+
+@interpreter
+@FUZZ
+@given(sizes=sizes_st, dtype=st.sampled_from([F32, F16]), mode=st.sampled_from(["anchor", "zero"]),
+       ratio=st.one_of(st.sampled_from([0.0, 1.0, 0.7, 0.5]), st.floats(0.0, 1.0)),
+       kind=st.sampled_from(["random", "ties", "zeros"]), seed=st.integers(0, 2 ** 31 - 1))
+def test_triton_align_fuzz(sizes, dtype, mode, ratio, kind, seed):
+    case = C.Case("align", "n1", dtype=dtype, align_mode=mode, align_ratio=ratio,
+                  anchor_kind=kind, seed=seed, custom_sizes=tuple(sizes))
+    t = C.make_tensors(case)
+    ref = C.clone(t)
+    reference.align_(ref["param"], ref["anchor"], ref["offsets"], ratio, mode=mode)
+    ops.align_(t["param"], t["anchor"], t["offsets"], ratio, mode=mode, backend="triton")
+    assert torch.equal(t["param"], ref["param"]), "alignment is exact"
+
+
+@interpreter
+@FUZZ
+@given(n=st.integers(0, 300), dtype=st.sampled_from([F32, F16]),
+       merge=st.sampled_from([None, "fisher", "linear"]), alpha=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+       decay=st.sampled_from([1.0, 0.5, 0.0]), fisher_scale=st.floats(0.01, 100.0),
+       seed=st.integers(0, 2 ** 31 - 1))
+def test_triton_consolidate_fuzz(n, dtype, merge, alpha, decay, fisher_scale, seed):
+    case = C.Case("consolidate", "n1", dtype=dtype, state_dtype=dtype if seed % 2 else F32,
+                  merge=merge, alpha=alpha, decay=decay, fisher_scale=fisher_scale, seed=seed,
+                  custom_sizes=(n,))
+    t = C.make_tensors(case)
+    names = ("param", "anchor", "importance", "fisher")
+    kw = dict(fisher_scale=fisher_scale, decay=decay, merge=merge, alpha=alpha)
+    ref, ref32 = C.clone(t), upcast(t)
+    reference.consolidate_(*(ref[k] for k in names), **kw)
+    reference.consolidate_(*(ref32[k] for k in names), **kw)
+    ops.consolidate_(*(t[k] for k in names), **kw, backend="triton")
+    check_output("param", t["param"], ref["param"], ref32["param"])
+    check_output("importance", t["importance"], ref["importance"], ref32["importance"])
+    assert torch.equal(t["anchor"], t["param"]) and not t["fisher"].any()
+
+
+@interpreter
+def test_triton_autotune_off_under_interpreter(monkeypatch):
+    K = kernels()
+    assert not K.autotuned()
+    monkeypatch.setattr(B, "triton_interpreting", lambda: False)
+    assert K.autotuned(), "the helper of backends.py is the one switch"
+    monkeypatch.undo()
+
+    class Refuse:
+        def __getitem__(self, grid):
+            raise AssertionError("the autotuned kernel was launched under the interpreter")
+    for name, (plain, tuned, fixed, roles) in list(K._KERNELS.items()):
+        monkeypatch.setitem(K._KERNELS, name, (plain, Refuse(), fixed, roles))
+    case = C.Case("step", "g5_129", mask="keep0.5", nonfinite=True, seed=1)
+    _step_against_reference(case)
+
+
+@interpreter
+@pytest.mark.parametrize("num_groups", [1, 40])
+def test_triton_launches_per_call_do_not_grow_with_groups(monkeypatch, num_groups):
+    """fused_step / consolidate_: one kernel; thresholds: 4 radix passes x (histogram, pick);
+    align_: the same select plus one kernel -- for any number of groups."""
+    K = kernels()
+    launches = []
+    real_launch, real_pick = K._launch, K._launch_pick
+    monkeypatch.setattr(K, "_launch", lambda name, *a, **k: (launches.append(name),
+                                                             real_launch(name, *a, **k)))
+    monkeypatch.setattr(K, "_launch_pick", lambda *a, **k: (launches.append("pick"),
+                                                            real_pick(*a, **k)))
+    sizes = tuple((7 * g) % 5 for g in range(num_groups)) if num_groups > 1 else (90,)
+    case = C.Case("step", "n1", mask="keep0.5", custom_sizes=sizes, seed=3)
+    _step_against_reference(case)
+    assert launches == ["step"]
+    launches.clear()
+    t = C.make_tensors(case)
+    ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"], backend="triton")
+    assert launches == ["hist", "pick"] * 4
+    launches.clear()
+    ops.align_(t["param"], t["anchor"], t["offsets"], 0.5, backend="triton")
+    assert launches == ["hist", "pick"] * 4 + ["align"]
+    launches.clear()
+    ops.consolidate_(t["param"], t["anchor"], t["importance"], t["fisher"], fisher_scale=2.0,
+                     decay=1.0, merge="linear", alpha=0.5, backend="triton")
+    assert launches == ["consolidate"]
+
+
+@interpreter
+@pytest.mark.parametrize("cap_log2", [24, 6], ids=["whole", "prefix"])
+def test_triton_autotuned_path_with_a_fake_timer(monkeypatch, cap_log2):
+    """The GPU launch path (``triton.autotune`` with every config timed, then the winner)
+    driven on CPU: tuning runs the in-place kernels several times, so the results prove
+    that ``restore_value`` / ``reset_to_zero`` undo every trial run -- and, with a cap
+    below the inputs' size ("prefix"), that tuning on the first 2^cap elements leaves no
+    trace either."""
+    K = kernels()
+    monkeypatch.setattr(K, "autotuned", lambda: True)              # -> the GPU launch path
+    monkeypatch.setattr(K, "TUNE_MIN_N", 0)                        # tune even tiny inputs
+    monkeypatch.setattr(K, "TUNE_CAP_LOG2", cap_log2)
+    monkeypatch.setattr(K, "_TUNED", set())
+    calls = []
+
+    def fake_bench(kernel_call, quantiles):
+        for _ in range(2):
+            kernel_call()
+        calls.append(1)
+        return [float(len(calls) % 3 + 1)] * len(quantiles)
+    monkeypatch.setattr(K, "_bench", fake_bench)
+    for _, tuned, _, _ in K._KERNELS.values():     # tune afresh (the cache is per N, dtypes)
+        monkeypatch.setattr(tuned, "cache", {})
+    case = C.Case("step", "g5_129", mask="mixed", nonfinite=True, seed=11)
+    _step_against_reference(case)
+    assert len(calls) == len(K._STEP_CONFIGS)
+    t = C.make_tensors(case)
+    c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"])
+    c_got, t_got = ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
+                                        backend="triton")
+    assert torch.equal(t_got, t_ref)
+    torch.testing.assert_close(c_got, c_ref, rtol=1e-5, atol=0)
+    ref = C.clone(t)
+    reference.consolidate_(ref["param"], ref["anchor"], ref["importance"], ref["fisher"],
+                           fisher_scale=1.5, decay=0.5, merge="fisher", alpha=0.5)
+    ops.consolidate_(t["param"], t["anchor"], t["importance"], t["fisher"], fisher_scale=1.5,
+                     decay=0.5, merge="fisher", alpha=0.5, backend="triton")
+    for name in ("param", "anchor", "importance", "fisher"):
+        torch.testing.assert_close(t[name], ref[name], rtol=1e-5, atol=1e-6)
+    a_case = C.Case("align", "g5_129", anchor_kind="ties", align_ratio=0.3, seed=2)
+    t = C.make_tensors(a_case)
+    ref = C.clone(t)
+    reference.align_(ref["param"], ref["anchor"], ref["offsets"], 0.3)
+    ops.align_(t["param"], t["anchor"], t["offsets"], 0.3, backend="triton")
+    assert torch.equal(t["param"], ref["param"])
+    if cap_log2 == 6:       # every kernel was tuned once, on a prefix, for its bucket
+        assert {key[:2] for key in K._TUNED} == {("step", 7), ("hist", 7), ("consolidate", 7),
+                                                  ("align", 7)}
+
+
+# --------------------------------------------------------------------------- GPU compile check
+
+AOT = pytest.mark.skipif(
+    os.environ.get("AIM_TRITON_AOT", "0") in ("", "0") or B.triton_interpreting(),
+    reason="compiles the kernels for sm_80/sm_90 with Triton's compiler (no GPU needed): "
+           "set AIM_TRITON_AOT=1 without TRITON_INTERPRET (`make test` does)")
+
+
+def _compile(fn, signature: dict, constexprs: dict, arch: int, num_warps: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    src = ASTSource(fn, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers and spill stack of a cubin, read with the cuobjdump Triton ships."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"reg": int(m.group(1)), "stack": int(m.group(2))} if m else {}
+
+
+PTR = {F32: "*fp32", BF16: "*bf16", F16: "*fp16"}
+
+
+@AOT
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype,state_dtype", [(F32, F32), (BF16, F32), (F16, F16), (BF16, BF16)],
+                         ids=["fp32", "bf16", "fp16", "bf16-state"])
+def test_triton_kernels_compile_for_gpu(arch, dtype, state_dtype):
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    K = kernels()
+    p, s = PTR[dtype], PTR[state_dtype]
+    step_sig = dict(grad_ptr=p, param_ptr=p, anchor_ptr=p, imp_ptr=s, fisher_ptr=s,
+                    offsets_ptr="*i64", inv_scale_ptr="*fp32", thresh_ptr="*fp32",
+                    keep_ptr="*fp32", lam_ptr="*fp32", ws_ptr="*fp64", N="i64", G="i32",
+                    beta="fp32", one_minus_beta="fp32", tune_bucket="i32")
+    # every config on one target (their register use is the point), the first elsewhere
+    every = (arch, dtype, state_dtype) == (90, BF16, F32)
+    jobs = []
+    for cfg in (K._STEP_CONFIGS if every else K._STEP_CONFIGS[:1]):
+        jobs.append(("step", K._fused_step_kernel, step_sig,
+                     dict(EMA=True, FISHER=True, DIRECTIONAL=True, STEPS=2, **cfg.kwargs),
+                     cfg.num_warps))
+    jobs.append(("step", K._fused_step_kernel, step_sig,
+                 dict(EMA=False, FISHER=False, DIRECTIONAL=False, STEPS=1, BLOCK=1024, TILES=1),
+                 8))
+    for i, cfg in enumerate(K._ELEMENTWISE_CONFIGS if every else K._ELEMENTWISE_CONFIGS[:1]):
+        for merge in ((0, 1, 2) if i == 0 else (1,)):
+            jobs.append(("consolidate", K._consolidate_kernel,
+                         dict(param_ptr=p, anchor_ptr=p, imp_ptr=s, fisher_ptr=s, N="i64",
+                              fisher_scale="fp32", decay="fp32", alpha="fp32",
+                              tune_bucket="i32"),
+                         dict(MERGE=merge, **cfg.kwargs), cfg.num_warps))
+        for zero in ((False, True) if i == 0 else (False,)):
+            jobs.append(("align", K._align_kernel,
+                         dict(param_ptr=p, anchor_ptr=p, offsets_ptr="*i64", mag_ptr="*fp32",
+                              N="i64", G="i32", tune_bucket="i32"),
+                         dict(ZERO=zero, STEPS=3, **cfg.kwargs), cfg.num_warps))
+    hist_sig = dict(x_ptr=s, offsets_ptr="*i64", ratio_ptr="*fp64", hist_ptr="*i64",
+                    prefix_ptr="*i64", rem_ptr="*i64", sum_ptr="*fp64", N="i64", G="i32",
+                    tune_bucket="i32")
+    for i, cfg in enumerate(K._HIST_CONFIGS if every else K._HIST_CONFIGS[:1]):
+        for shift, first in ((24, True), (8, False)):
+            jobs.append(("hist", K._hist_kernel, hist_sig,
+                         dict(SHIFT=shift, FIRST=first, SUM=first, STEPS=2, **cfg.kwargs),
+                         cfg.num_warps))
+    for ratio in ("*fp32", "*fp64"):
+        for shift, first, last in ((24, True, False), (0, False, True)):
+            jobs.append(("pick", K._pick_kernel,
+                         dict(hist_ptr="*i64", prefix_ptr="*i64", rem_ptr="*i64",
+                              sum_ptr="*fp64", offsets_ptr="*i64", ratio_ptr=ratio,
+                              inv_scale_ptr="*fp32", thresh_ptr="*fp32"),
+                         dict(SHIFT=shift, FIRST=first, LAST=last, SUM=True, NORMALIZE=True),
+                         K.PICK_WARPS))
+    for name, fn, sig, consts, warps in jobs:
+        compiled = _compile(fn, sig, consts, arch, warps)
+        ptx = compiled.asm["ptx"]
+        assert compiled.asm["cubin"], name
+        res = _resources(compiled.asm["cubin"])
+        if res:
+            assert res["stack"] == 0, f"{name} {consts}: spills ({res})"
+        if dtype == BF16 and (name == "step" or (name == "consolidate" and consts["MERGE"])):
+            assert "cvt.rn.bf16" in ptx, f"{name}: bf16 stores round to nearest even"
+        if name == "consolidate" and consts["MERGE"] == 1:
+            assert "div.rn.f32" in ptx, "the fisher merge divides exactly (IEEE)"
+        if name == "step" or name == "consolidate":
+            assert "fma.rn.f32" not in ptx, f"{name}: no FMA contraction"
+
+
+# --------------------------------------------------------------------------- GPU
+
+@pytest.mark.cuda
+def test_triton_ops_do_not_sync_the_host():
+    if B.unavailable_reason("triton") or not torch.cuda.is_available():
+        pytest.skip("needs Triton and a CUDA GPU")
+    case = C.Case("step", "g5_big", dtype=BF16, mask="keep0.5", nonfinite=True, seed=4)
+    t = C.make_tensors(case, device="cuda")
+    args, kw = C.step_args(case, t)
+    ops.fused_step(*args, **kw, backend="triton")           # compile / tune outside the check
+    ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"], backend="triton")
+    ops.align_(t["param"], t["anchor"], t["offsets"], 0.5, backend="triton")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.fused_step(*args, **kw, backend="triton")
+        # (group_thresholds validates a CPU mask_ratio; on the GPU it is not read back)
+        ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"], backend="triton")
+        ops.align_(t["param"], t["anchor"], t["offsets"], 0.5, backend="triton")
+        ops.consolidate_(t["param"], t["anchor"], t["importance"], t["fisher"],
+                         fisher_scale=2.0, decay=1.0, merge="fisher", backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_triton_large_multiblock_against_reference(dtype):
+    """3M elements over uneven groups (one of them empty): real autotuning, many chunks,
+    chunks straddling groups, and thresholds over groups of ~1M elements."""
+    if B.unavailable_reason("triton") or not torch.cuda.is_available():
+        pytest.skip("needs Triton and a CUDA GPU")
+    case = C.Case("step", "n1", dtype=dtype, mask="mixed", nonfinite=True, seed=9,
+                  custom_sizes=(1_000_003, 7, 0, 1_500_000, 499_990))
+    t = C.make_tensors(case)
+    ref = C.clone(t)
+    args, kw = C.step_args(case, ref)
+    ref_stats = reference.fused_step(*args, **kw)
+    ref32 = upcast(t)
+    args, kw = C.step_args(case, ref32)
+    ref32_stats = reference.fused_step(*args, **kw)
+    got = {k: v.cuda() for k, v in t.items()}
+    args, kw = C.step_args(case, got)
+    stats = ops.fused_step(*args, **kw, backend="triton").cpu()
+    check_output("grad", got["grad"].cpu(), ref["grad"], ref32["grad"])
+    check_output("fisher", got["fisher"].cpu(), ref["fisher"], ref32["fisher"])
+    check_stats(stats, ref_stats, ref32_stats, dtype)
+    c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"])
+    c_got, t_got = ops.group_thresholds(got["importance"], got["offsets"], got["mask_ratio"],
+                                        backend="triton")
+    assert torch.equal(t_got.cpu(), t_ref)
+    torch.testing.assert_close(c_got.cpu(), c_ref, rtol=1e-5, atol=0)
+    assert math.isinf(float(t_got[2]))
