@@ -21,6 +21,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/test_backends.py tests/test_triton.py -k triton
+	AIM_TRITON_AOT=1 $(PY) -m pytest -q tests/test_triton.py -k compile
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=mean,ops \

@@ -4,8 +4,9 @@ Tiers (the file is cheap to collect; each test says what it needs):
 * always: dispatch order of ``backend="auto"`` and the availability/skip reasons (no kernel
   runs, so these are instant);
 * ``TRITON_INTERPRET=1`` (``make test`` runs it, CPU tensors): hypothesis fuzzing against
-  the reference with few small examples (fp32, and fp16 storage, which the interpreter
-  rounds like a GPU; bf16 is GPU-only: the interpreter truncates fp32 -> bf16), the
+  the reference with few small examples (fp32 and fp16 storage, which the interpreter
+  rounds like a GPU; bf16 only where nothing is rounded to it -- thresholds, alignment --
+  since the interpreter truncates fp32 -> bf16; bf16 arithmetic results run on a GPU), the
   launch count per op whatever G, autotuning off, and the autotuned launch path itself
   driven with a fake timer (so its restore/reset hooks are checked on CPU);
 * ``AIM_TRITON_AOT=1`` (``make test`` runs it, no GPU needed): every kernel compiled to an
@@ -146,7 +147,8 @@ def test_triton_fused_step_fuzz(sizes, dtype, flags, beta, ratio, keep, normaliz
 @interpreter
 @FUZZ
 @given(sizes=sizes_st, ratio=st.lists(st.floats(0.0, 0.999), min_size=1, max_size=6),
-       ratio_dtype=st.sampled_from([F32, torch.float64]), state_dtype=st.sampled_from([F32, F16]),
+       ratio_dtype=st.sampled_from([F32, torch.float64]),
+       state_dtype=st.sampled_from([F32, F16, BF16]),
        omega=st.sampled_from(C.OMEGA_KINDS), normalize=st.booleans(),
        seed=st.integers(0, 2 ** 31 - 1))
 def test_triton_group_thresholds_fuzz(sizes, ratio, ratio_dtype, state_dtype, omega, normalize,
@@ -165,7 +167,8 @@ def test_triton_group_thresholds_fuzz(sizes, ratio, ratio_dtype, state_dtype, om
 
 @interpreter
 @FUZZ
-@given(sizes=sizes_st, dtype=st.sampled_from([F32, F16]), mode=st.sampled_from(["anchor", "zero"]),
+@given(sizes=sizes_st, dtype=st.sampled_from([F32, F16, BF16]),
+       mode=st.sampled_from(["anchor", "zero"]),
        ratio=st.one_of(st.sampled_from([0.0, 1.0, 0.7, 0.5]), st.floats(0.0, 1.0)),
        kind=st.sampled_from(["random", "ties", "zeros"]), seed=st.integers(0, 2 ** 31 - 1))
 def test_triton_align_fuzz(sizes, dtype, mode, ratio, kind, seed):
@@ -247,6 +250,7 @@ def test_triton_launches_per_call_do_not_grow_with_groups(monkeypatch, num_group
 
 
 @interpreter
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")    # numpy, in the interpreter: inf - inf
 @pytest.mark.parametrize("cap_log2", [24, 6], ids=["whole", "prefix"])
 def test_triton_autotuned_path_with_a_fake_timer(monkeypatch, cap_log2):
     """The GPU launch path (``triton.autotune`` with every config timed, then the winner)

@@ -443,7 +443,8 @@ def _launch(name: str, n: int, args: tuple, **meta) -> None:
     plain, tuned, fixed, roles = _KERNELS[name]
     bucket = _tune_bucket(n)
     if not autotuned():
-        plain[_grid(n)](*args, bucket, **meta, **INTERPRET_META[fixed])
+        with _quiet():
+            plain[_grid(n)](*args, bucket, **meta, **INTERPRET_META[fixed])
         return
     cap = 1 << TUNE_CAP_LOG2
     if n > cap:
@@ -464,8 +465,18 @@ def _launch(name: str, n: int, args: tuple, **meta) -> None:
 
 
 def _launch_pick(num_groups: int, args: tuple, **meta) -> None:
-    extra = dict(num_warps=PICK_WARPS, enable_fp_fusion=False) if autotuned() else {}
-    _pick_kernel[(num_groups,)](*args, **meta, **extra)
+    if autotuned():
+        _pick_kernel[(num_groups,)](*args, **meta, num_warps=PICK_WARPS, enable_fp_fusion=False)
+    else:
+        with _quiet():
+            _pick_kernel[(num_groups,)](*args, **meta)
+
+
+def _quiet():
+    """The interpreter computes with numpy, which warns on the IEEE cases the kernels
+    mean to handle (inf - inf, 0 / 0 in a discarded ``where`` branch)."""
+    import numpy
+    return numpy.errstate(all="ignore")
 
 
 def _steps(num_groups: int) -> int:
