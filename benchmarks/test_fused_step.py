@@ -51,6 +51,20 @@ def record(benchmark, n, dtype, copy_gbps):
                                 gbps=gbps, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps)
 
 
+def matches_reference(backend, n, dtype, kwargs) -> bool:
+    """The benchmarked backend's result on fresh inputs equals the reference's (fp32: within
+    the tolerance of tests/test_backends.py; counts exactly)."""
+    mine, ref = make_inputs(n, dtype, seed=1), make_inputs(n, dtype, seed=1)
+    got = ak.ops.fused_step(*mine, **kwargs, backend=backend)
+    want = reference.fused_step(*ref, **kwargs)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(mine[0].float(), ref[0].float(), **tol)
+    torch.testing.assert_close(mine[4], ref[4], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[:, 5:], want[:, 5:])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+    return True
+
+
 _COPY: dict[int, float] = {}
 
 
@@ -83,6 +97,8 @@ def test_fused_step(benchmark, backend, n, dtype):
         call = lambda: ak.ops.fused_step(*args, **kwargs, backend=backend)   # noqa: E731
     call()   # warm-up (and compile)
     dev = torch.device(DEVICE)
+    if backend not in ("torch", "torch.compile"):
+        benchmark.extra_info["matches_reference"] = matches_reference(backend, n, dtype, kwargs)
 
     def run():
         call()

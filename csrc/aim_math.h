@@ -17,7 +17,15 @@
 #define AIM_HD inline __attribute__((always_inline))
 #endif
 
+// Each CPU instruction-set build (ops_cpu.cpp, ops_cpu_avx2.cpp) gets its own copy of
+// these inline functions: one name per copy, so the linker never swaps an AVX2 body
+// into the baseline path.
+#ifndef AIM_CPU_NS
+#define AIM_CPU_NS isa_default
+#endif
+
 namespace aim {
+inline namespace AIM_CPU_NS {
 
 // dtype codes crossing the binding (python/bindings.cpp, aim_kernels/ops/native.py)
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -157,4 +165,5 @@ AIM_HD bool align_conflict(float theta, float a, float m) {
   return (mag >= m) && (mag > 0.f) && (sign_of(theta) != sign_of(a));
 }
 
+}  // namespace AIM_CPU_NS
 }  // namespace aim

@@ -51,8 +51,10 @@ struct AlignArgs {
   void* scratch;            // threshold_scratch_bytes(...)
 };
 
-// ---------------------------------------------------------------- CPU (ops_cpu.cpp)
+// ---------------------------------------------------------------- CPU (ops_cpu*.cpp)
 int cpu_threads();
+std::string cpu_isa();                       // "avx2" or "default": the code path in use
+void set_cpu_isa(const std::string& name);   // for tests and benchmarks
 size_t cpu_threshold_scratch_bytes(int64_t groups);
 void cpu_fused_step(const StepArgs& a);                  // scratch: [threads, G, 7]
 void cpu_group_thresholds(const ThresholdArgs& a);

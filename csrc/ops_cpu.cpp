@@ -3,6 +3,14 @@
 // thread in double (the reference sums fp32 terms in fp64 and rounds once) and
 // reduced in thread order at the end, so a result does not depend on scheduling.
 // Built with -ffp-contract=off: fp32 results are then those of ops/reference.py.
+//
+// Compiled once per instruction set (ops_cpu_avx2.cpp includes this file with
+// AIM_CPU_NS=isa_avx2 and -mavx2); ops_cpu_dispatch.cpp picks one at run time, so a
+// wheel runs on any x86-64 and uses 256-bit vectors where the CPU has them.
+#ifndef AIM_CPU_NS
+#define AIM_CPU_NS isa_default
+#endif
+
 #include <omp.h>
 
 #include <algorithm>
@@ -15,6 +23,7 @@
 #include "select.h"
 
 namespace aim {
+namespace AIM_CPU_NS {
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 15;   // elements per scheduling unit
@@ -227,15 +236,10 @@ template <typename T> struct AlignFn { static void run(const AlignArgs& a) { ali
 
 }  // namespace
 
-int cpu_threads() { return std::max(1, omp_get_max_threads()); }
+void fused_step(const StepArgs& a) { by_dtype<StepFn>(a.dtype, a); }
+void group_thresholds(const ThresholdArgs& a) { by_dtype<ThresholdsFn>(a.state_dtype, a); }
+void consolidate(const ConsolidateArgs& a) { by_dtype<ConsolidateFn>(a.dtype, a); }
+void align(const AlignArgs& a) { by_dtype<AlignFn>(a.dtype, a); }
 
-size_t cpu_threshold_scratch_bytes(int64_t) {
-  return size_t(cpu_threads()) * select::kBins * sizeof(int64_t);
-}
-
-void cpu_fused_step(const StepArgs& a) { by_dtype<StepFn>(a.dtype, a); }
-void cpu_group_thresholds(const ThresholdArgs& a) { by_dtype<ThresholdsFn>(a.state_dtype, a); }
-void cpu_consolidate(const ConsolidateArgs& a) { by_dtype<ConsolidateFn>(a.dtype, a); }
-void cpu_align(const AlignArgs& a) { by_dtype<AlignFn>(a.dtype, a); }
-
+}  // namespace AIM_CPU_NS
 }  // namespace aim

@@ -11,6 +11,7 @@
 #include "aim_math.h"
 
 namespace aim {
+inline namespace AIM_CPU_NS {
 namespace select {
 
 constexpr int kPasses = 3;
@@ -57,4 +58,5 @@ AIM_HD float result(uint32_t prefix, bool k_is_zero) {
 }
 
 }  // namespace select
+}  // namespace AIM_CPU_NS
 }  // namespace aim

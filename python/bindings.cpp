@@ -78,6 +78,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("select_bins") = aim::select::kBins;
 
   m.def("cpu_threads", &aim::cpu_threads, "OpenMP team size (the rows of the step scratch)");
+  m.def("cpu_isa", &aim::cpu_isa, "the CPU code path in use: avx2 or default");
+  m.def("set_cpu_isa", &aim::set_cpu_isa, "pick the CPU code path (tests, benchmarks)");
   m.def("cpu_threshold_scratch_bytes", &aim::cpu_threshold_scratch_bytes);
   m.def("cpu_fused_step", [](uintptr_t grad, uintptr_t param, uintptr_t anchor,
                              uintptr_t importance, uintptr_t fisher, uintptr_t offsets,

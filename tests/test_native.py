@@ -505,3 +505,25 @@ def test_cuda_runs_on_the_current_stream_and_in_a_graph():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
     assert torch.equal(graphed["grad"], eager["grad"])
     assert torch.equal(graphed["fisher"], eager["fisher"])
+
+
+@pytest.mark.parametrize("case", [c for c in C.step_cases() if c.n > 100][:24], ids=C.case_id)
+def test_cpu_isa_paths_agree_bit_for_bit(case):
+    """The AVX2 build and the baseline x86-64 build of the CPU ops give the same bits."""
+    if _C.cpu_isa() != "avx2":
+        pytest.skip("this CPU (or build) has only the baseline code path")
+    outs = {}
+    try:
+        for isa in ("default", "avx2"):
+            _C.set_cpu_isa(isa)
+            t = C.make_tensors(case)
+            args, kw = C.step_args(case, t)
+            outs[isa] = (native.fused_step(*args, **kw), t["grad"], t["fisher"],
+                         native.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"]))
+    finally:
+        _C.set_cpu_isa("avx2")
+    (s0, g0, f0, th0), (s1, g1, f1, th1) = outs["default"], outs["avx2"]
+    same_bits(g1, g0, "grad")
+    same_bits(f1, f0, "fisher")
+    assert torch.equal(th0[1], th1[1])
+    torch.testing.assert_close(s1, s0, rtol=1e-6, atol=0)
