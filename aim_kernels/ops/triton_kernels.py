@@ -70,6 +70,11 @@ PICK_WARPS = 2
 
 
 # --------------------------------------------------------------------------- helpers (device)
+#
+# Every kernel takes the unmasked path for a chunk that lies wholly below N: Triton can
+# only prove a mask constant over a vector when N is divisible by 16, so masked loads
+# everywhere would make every load scalar for most parameter counts. Only the last
+# program's chunk pays for the masks.
 
 @triton.jit
 def _group_of(idx, offsets_ptr, G, STEPS: tl.constexpr):
@@ -90,14 +95,22 @@ def _group_of(idx, offsets_ptr, G, STEPS: tl.constexpr):
 @triton.jit
 def _step_tile(idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
                fisher_ptr, beta, one_minus_beta, EMA: tl.constexpr, FISHER: tl.constexpr,
-               DIRECTIONAL: tl.constexpr):
-    """DESIGN.md 2.1 on one tile: stores g_out and F, returns the 7 per-element stat terms."""
-    g_raw = tl.load(grad_ptr + idx, mask=m, other=0.0)
-    f_raw = tl.load(fisher_ptr + idx, mask=m, other=0.0)
+               DIRECTIONAL: tl.constexpr, MASKED: tl.constexpr):
+    """DESIGN.md 2.1 on one tile: stores g_out and F, returns the 7 per-element stat terms
+    (zero on lanes past N)."""
+    if MASKED:
+        g_raw = tl.load(grad_ptr + idx, mask=m, other=0.0)
+        f_raw = tl.load(fisher_ptr + idx, mask=m, other=0.0)
+        theta = tl.load(param_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(anchor_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        omega = tl.load(imp_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    else:
+        g_raw = tl.load(grad_ptr + idx)
+        f_raw = tl.load(fisher_ptr + idx)
+        theta = tl.load(param_ptr + idx).to(tl.float32)
+        a = tl.load(anchor_ptr + idx).to(tl.float32)
+        omega = tl.load(imp_ptr + idx).to(tl.float32)
     g = g_raw.to(tl.float32)
-    theta = tl.load(param_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    a = tl.load(anchor_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    omega = tl.load(imp_ptr + idx, mask=m, other=0.0).to(tl.float32)
     F = f_raw.to(tl.float32)
 
     finite = tl.abs(g) < float("inf")            # False for +-inf and NaN
@@ -118,15 +131,24 @@ def _step_tile(idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_
     g_out = tl.where(masked, kappa, 1.0) * g + r
 
     # a non-finite g (and the F it must not touch) is written back bit for bit
-    tl.store(grad_ptr + idx, tl.where(finite, g_out.to(g_raw.dtype), g_raw), mask=m)
-    tl.store(fisher_ptr + idx, tl.where(finite, F_new.to(f_raw.dtype), f_raw), mask=m)
+    g_new = tl.where(finite, g_out.to(g_raw.dtype), g_raw)
+    f_new = tl.where(finite, F_new.to(f_raw.dtype), f_raw)
+    if MASKED:
+        tl.store(grad_ptr + idx, g_new, mask=m)
+        tl.store(fisher_ptr + idx, f_new, mask=m)
+    else:
+        tl.store(grad_ptr + idx, g_new)
+        tl.store(fisher_ptr + idx, f_new)
 
-    grad_sq = tl.where(finite, g * g, 0.0)
-    out_sq = tl.where(finite, g_out * g_out, 0.0)
-    reg_sq = tl.where(finite, r * r, 0.0)
-    drift_sq = d * d
-    penalty = 0.5 * lam_g * s * d * d
-    n_masked = tl.where(masked, 1.0, 0.0)        # lanes past N load 0: unmasked, finite
+    # lanes past N load zeros (g finite, Omega = 0 so never masked), but 0 times an
+    # infinite inv_scale would be NaN: their float terms are zeroed
+    ok = finite & m
+    grad_sq = tl.where(ok, g * g, 0.0)
+    out_sq = tl.where(ok, g_out * g_out, 0.0)
+    reg_sq = tl.where(ok, r * r, 0.0)
+    drift_sq = tl.where(m, d * d, 0.0)
+    penalty = tl.where(m, 0.5 * lam_g * s * d * d, 0.0)
+    n_masked = tl.where(masked, 1.0, 0.0)
     n_nonfinite = tl.where(finite, 0.0, 1.0)
     return grad_sq, out_sq, reg_sq, drift_sq, penalty, n_masked, n_nonfinite
 
@@ -135,16 +157,75 @@ def _step_tile(idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_
 def _add_stats(ws_ptr, g, sel, v0, v1, v2, v3, v4, v5, v6):
     """Adds the selected lanes' stat terms to row ``g`` of the fp64 [G, 7] workspace."""
     row = ws_ptr + g * 7
-    tl.atomic_add(row + 0, tl.sum(tl.where(sel, v0, 0.0)).to(tl.float64))
-    tl.atomic_add(row + 1, tl.sum(tl.where(sel, v1, 0.0)).to(tl.float64))
-    tl.atomic_add(row + 2, tl.sum(tl.where(sel, v2, 0.0)).to(tl.float64))
-    tl.atomic_add(row + 3, tl.sum(tl.where(sel, v3, 0.0)).to(tl.float64))
-    tl.atomic_add(row + 4, tl.sum(tl.where(sel, v4, 0.0)).to(tl.float64))
-    tl.atomic_add(row + 5, tl.sum(tl.where(sel, v5, 0.0)).to(tl.float64))
-    tl.atomic_add(row + 6, tl.sum(tl.where(sel, v6, 0.0)).to(tl.float64))
+    tl.atomic_add(row + 0, tl.sum(tl.where(sel, v0, 0.0)).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + 1, tl.sum(tl.where(sel, v1, 0.0)).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + 2, tl.sum(tl.where(sel, v2, 0.0)).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + 3, tl.sum(tl.where(sel, v3, 0.0)).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + 4, tl.sum(tl.where(sel, v4, 0.0)).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + 5, tl.sum(tl.where(sel, v5, 0.0)).to(tl.float64), sem="relaxed")
+    tl.atomic_add(row + 6, tl.sum(tl.where(sel, v6, 0.0)).to(tl.float64), sem="relaxed")
 
 
 # --------------------------------------------------------------------------- fused step
+
+@triton.jit
+def _step_chunk_one_group(start, N, g, grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr,
+                          inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, beta,
+                          one_minus_beta, EMA: tl.constexpr, FISHER: tl.constexpr,
+                          DIRECTIONAL: tl.constexpr, MASKED: tl.constexpr,
+                          BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """A chunk inside group ``g``: its scalars once, stats in registers, 7 atomics."""
+    c = tl.load(inv_scale_ptr + g)
+    t = tl.load(thresh_ptr + g)
+    kappa = tl.load(keep_ptr + g)
+    lam_g = tl.load(lam_ptr + g)
+    lanes = tl.arange(0, BLOCK)
+    a0 = tl.zeros([BLOCK], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK], dtype=tl.float32)
+    a4 = tl.zeros([BLOCK], dtype=tl.float32)
+    a5 = tl.zeros([BLOCK], dtype=tl.float32)
+    a6 = tl.zeros([BLOCK], dtype=tl.float32)
+    for tile in range(TILES):
+        idx = start + tile * BLOCK + lanes
+        v0, v1, v2, v3, v4, v5, v6 = _step_tile(
+            idx, idx < N, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+            fisher_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, MASKED)
+        a0 += v0
+        a1 += v1
+        a2 += v2
+        a3 += v3
+        a4 += v4
+        a5 += v5
+        a6 += v6
+    _add_stats(ws_ptr, g, lanes >= 0, a0, a1, a2, a3, a4, a5, a6)
+
+
+@triton.jit
+def _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+                      fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, beta,
+                      one_minus_beta, EMA: tl.constexpr, FISHER: tl.constexpr,
+                      DIRECTIONAL: tl.constexpr, MASKED: tl.constexpr, STEPS: tl.constexpr,
+                      BLOCK: tl.constexpr, TILES: tl.constexpr):
+    """A chunk across groups: per tile, one reduction and 7 atomics per group present."""
+    lanes = tl.arange(0, BLOCK)
+    for tile in range(TILES):
+        idx = start + tile * BLOCK + lanes
+        m = idx < N
+        gid = tl.where(m, _group_of(idx, offsets_ptr, G, STEPS), G)
+        c = tl.load(inv_scale_ptr + gid, mask=m, other=0.0)
+        t = tl.load(thresh_ptr + gid, mask=m, other=0.0)
+        kappa = tl.load(keep_ptr + gid, mask=m, other=0.0)
+        lam_g = tl.load(lam_ptr + gid, mask=m, other=0.0)
+        v0, v1, v2, v3, v4, v5, v6 = _step_tile(
+            idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+            fisher_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, MASKED)
+        g = tl.min(gid)
+        while g < G:
+            _add_stats(ws_ptr, g, gid == g, v0, v1, v2, v3, v4, v5, v6)
+            g = tl.min(tl.where(gid > g, gid, G))
+
 
 @triton.jit
 def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, offsets_ptr,
@@ -153,55 +234,32 @@ def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, off
                        EMA: tl.constexpr, FISHER: tl.constexpr, DIRECTIONAL: tl.constexpr,
                        STEPS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * (BLOCK * TILES)
+    full = start + BLOCK * TILES <= N
     last = tl.minimum(start + BLOCK * TILES, N) - 1
     g_first = _group_of(start, offsets_ptr, G, STEPS)
     g_last = _group_of(last, offsets_ptr, G, STEPS)
-    lanes = tl.arange(0, BLOCK)
     if g_first == g_last:
-        # the whole chunk lies in one group: its scalars once, stats in registers
-        c = tl.load(inv_scale_ptr + g_first)
-        t = tl.load(thresh_ptr + g_first)
-        kappa = tl.load(keep_ptr + g_first)
-        lam_g = tl.load(lam_ptr + g_first)
-        a0 = tl.zeros([BLOCK], dtype=tl.float32)
-        a1 = tl.zeros([BLOCK], dtype=tl.float32)
-        a2 = tl.zeros([BLOCK], dtype=tl.float32)
-        a3 = tl.zeros([BLOCK], dtype=tl.float32)
-        a4 = tl.zeros([BLOCK], dtype=tl.float32)
-        a5 = tl.zeros([BLOCK], dtype=tl.float32)
-        a6 = tl.zeros([BLOCK], dtype=tl.float32)
-        for tile in range(TILES):
-            idx = start + tile * BLOCK + lanes
-            m = idx < N
-            v0, v1, v2, v3, v4, v5, v6 = _step_tile(
-                idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                fisher_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL)
-            a0 += v0
-            a1 += v1
-            a2 += v2
-            a3 += v3
-            a4 += v4
-            a5 += v5
-            a6 += v6
-        _add_stats(ws_ptr, g_first, lanes >= 0, a0, a1, a2, a3, a4, a5, a6)
+        if full:
+            _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+                                  fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
+                                  False, BLOCK, TILES)
+        else:
+            _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+                                  fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
+                                  True, BLOCK, TILES)
     else:
-        # the chunk straddles groups: per tile, one reduction per group present in it
-        for tile in range(TILES):
-            idx = start + tile * BLOCK + lanes
-            m = idx < N
-            gid = _group_of(idx, offsets_ptr, G, STEPS)
-            gid = tl.where(m, gid, G)
-            c = tl.load(inv_scale_ptr + gid, mask=m, other=0.0)
-            t = tl.load(thresh_ptr + gid, mask=m, other=0.0)
-            kappa = tl.load(keep_ptr + gid, mask=m, other=0.0)
-            lam_g = tl.load(lam_ptr + gid, mask=m, other=0.0)
-            v0, v1, v2, v3, v4, v5, v6 = _step_tile(
-                idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                fisher_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL)
-            g = tl.min(gid)
-            while g < G:
-                _add_stats(ws_ptr, g, gid == g, v0, v1, v2, v3, v4, v5, v6)
-                g = tl.min(tl.where(gid > g, gid, G))
+        if full:
+            _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
+                              imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                              ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, False,
+                              STEPS, BLOCK, TILES)
+        else:
+            _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
+                              imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                              ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, True,
+                              STEPS, BLOCK, TILES)
 
 
 # --------------------------------------------------------------------------- radix select
@@ -226,19 +284,23 @@ def _hist_add(hist_ptr, g, digit, keep, BLOCK: tl.constexpr, BINS_: tl.constexpr
     h = tl.histogram(tl.where(keep, digit, 0), BINS_)
     excluded = BLOCK - tl.sum(keep.to(tl.int32))
     h = h - tl.where(bins == 0, excluded, 0)
-    tl.atomic_add(hist_ptr + g * BINS_ + bins, h.to(tl.int64), mask=h > 0)
+    tl.atomic_add(hist_ptr + g * BINS_ + bins, h.to(tl.int64), mask=h > 0, sem="relaxed")
 
 
 @triton.jit
 def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, sum_ptr,
-                 N, G, tune_bucket, SHIFT: tl.constexpr, FIRST: tl.constexpr, SUM: tl.constexpr,
-                 STEPS: tl.constexpr, BLOCK: tl.constexpr):
+                 N, G, tune_bucket, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                 SUM: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     """One radix pass: per group, the histogram of digit ``(bits >> SHIFT) & 255`` over
     the elements whose higher digits equal the group's prefix (all of them in the first
     pass, which also sums the values in fp64 when ``SUM``)."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
     m = idx < N
-    x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    if start + BLOCK <= N:
+        x = tl.load(x_ptr + idx).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
     bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     digit = (bits >> SHIFT) & (BINS - 1)
     gid = tl.where(m, _group_of(idx, offsets_ptr, G, STEPS), G)
@@ -247,7 +309,8 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
         sel = gid == g
         if FIRST:
             if SUM:
-                tl.atomic_add(sum_ptr + g, tl.sum(tl.where(sel, x.to(tl.float64), 0.0)))
+                tl.atomic_add(sum_ptr + g, tl.sum(tl.where(sel, x.to(tl.float64), 0.0)),
+                              sem="relaxed")
             k, n = _kth_count(offsets_ptr, ratio_ptr, g)
             if k > 0:
                 _hist_add(hist_ptr, g, digit, sel, BLOCK, BINS)
@@ -298,42 +361,71 @@ def _pick_kernel(hist_ptr, prefix_ptr, rem_ptr, sum_ptr, offsets_ptr, ratio_ptr,
 # --------------------------------------------------------------------------- consolidate, align
 
 @triton.jit
-def _consolidate_kernel(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, N, fisher_scale, decay,
-                        alpha, tune_bucket, MERGE: tl.constexpr, BLOCK: tl.constexpr):
-    """DESIGN.md 2.2, elementwise. MERGE: 0 none, 1 fisher, 2 linear."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = idx < N
-    t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
-    a = tl.load(anchor_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    omega_raw = tl.load(imp_ptr + idx, mask=m, other=0.0)
+def _consolidate_tile(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, idx, m, fisher_scale, decay,
+                      alpha, MERGE: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    if MASKED:
+        t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
+        a = tl.load(anchor_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        omega_raw = tl.load(imp_ptr + idx, mask=m, other=0.0)
+        f_raw = tl.load(fisher_ptr + idx, mask=m, other=0.0)
+    else:
+        t_raw = tl.load(param_ptr + idx)
+        a = tl.load(anchor_ptr + idx).to(tl.float32)
+        omega_raw = tl.load(imp_ptr + idx)
+        f_raw = tl.load(fisher_ptr + idx)
     omega = omega_raw.to(tl.float32)
-    F_hat = tl.load(fisher_ptr + idx, mask=m, other=0.0).to(tl.float32) * fisher_scale
+    F_hat = f_raw.to(tl.float32) * fisher_scale
     theta = t_raw.to(tl.float32)
     if MERGE == 1:
         denom = omega + alpha * F_hat
         merged = tl.math.div_rn(omega * a + alpha * F_hat * theta, denom)
         new = tl.where(denom > 0.0, merged.to(t_raw.dtype), t_raw)
-        tl.store(param_ptr + idx, new, mask=m)
     elif MERGE == 2:
         new = (a + alpha * (theta - a)).to(t_raw.dtype)
-        tl.store(param_ptr + idx, new, mask=m)
     else:
-        new = t_raw
-    tl.store(anchor_ptr + idx, new, mask=m)                  # a = theta as stored
-    tl.store(imp_ptr + idx, (decay * omega + F_hat).to(omega_raw.dtype), mask=m)
-    tl.store(fisher_ptr + idx, tl.zeros([BLOCK], dtype=omega_raw.dtype), mask=m)
+        new = t_raw                                          # theta unchanged, not rewritten
+    omega_new = (decay * omega + F_hat).to(omega_raw.dtype)
+    zero = tl.zeros([BLOCK], dtype=f_raw.dtype)
+    if MASKED:
+        if MERGE != 0:
+            tl.store(param_ptr + idx, new, mask=m)
+        tl.store(anchor_ptr + idx, new, mask=m)              # a = theta as stored
+        tl.store(imp_ptr + idx, omega_new, mask=m)
+        tl.store(fisher_ptr + idx, zero, mask=m)
+    else:
+        if MERGE != 0:
+            tl.store(param_ptr + idx, new)
+        tl.store(anchor_ptr + idx, new)
+        tl.store(imp_ptr + idx, omega_new)
+        tl.store(fisher_ptr + idx, zero)
 
 
 @triton.jit
-def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, tune_bucket,
-                  ZERO: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``)."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = idx < N
+def _consolidate_kernel(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, N, fisher_scale, decay,
+                        alpha, tune_bucket, MERGE: tl.constexpr, BLOCK: tl.constexpr):
+    """DESIGN.md 2.2, elementwise. MERGE: 0 none, 1 fisher, 2 linear."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= N:
+        _consolidate_tile(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, idx, idx < N,
+                          fisher_scale, decay, alpha, MERGE, False, BLOCK)
+    else:
+        _consolidate_tile(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, idx, idx < N,
+                          fisher_scale, decay, alpha, MERGE, True, BLOCK)
+
+
+@triton.jit
+def _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, m, G, ZERO: tl.constexpr,
+                MASKED: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
     gid = _group_of(idx, offsets_ptr, G, STEPS)
-    bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
-    t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
-    a_raw = tl.load(anchor_ptr + idx, mask=m, other=0.0)
+    if MASKED:
+        bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
+        t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
+        a_raw = tl.load(anchor_ptr + idx, mask=m, other=0.0)
+    else:
+        bound = tl.load(mag_ptr + gid)
+        t_raw = tl.load(param_ptr + idx)
+        a_raw = tl.load(anchor_ptr + idx)
     a = a_raw.to(tl.float32)
     theta = t_raw.to(tl.float32)
     mag = tl.abs(a)
@@ -344,7 +436,21 @@ def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, tune_bucket
         new = tl.zeros([BLOCK], dtype=t_raw.dtype)
     else:
         new = a_raw
-    tl.store(param_ptr + idx, new, mask=conflict)
+    tl.store(param_ptr + idx, new, mask=conflict)            # only the reset elements
+
+
+@triton.jit
+def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, tune_bucket,
+                  ZERO: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= N:
+        _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, idx < N, G, ZERO, False,
+                    STEPS, BLOCK)
+    else:
+        _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, idx < N, G, ZERO, True,
+                    STEPS, BLOCK)
 
 
 # --------------------------------------------------------------------------- launching
@@ -370,16 +476,16 @@ def _tuned(configs, restore=(), reset=()):
 
 
 _C = triton.Config
-# Register use was read from sm_90 cubins compiled on a CPU-only machine (no GPU was lent):
-# 4 fp32 elements per thread keep fused_step near 72 registers (TILES=1) / ~100 (TILES=4)
-# with no spill; 8 per thread (128-bit bf16 loads) costs 140. The first config of each list
-# is the untuned choice for inputs below TUNE_MIN_N elements.
+# Register use read with ptxas from sm_80/sm_90 compiles on a CPU-only machine (no GPU was
+# lent; tests/test_triton.py checks every config for spills and vector loads): 4-8 elements
+# per thread keep fused_step at 64-128 registers. The first config of each list is the
+# untuned choice for inputs below TUNE_MIN_N elements.
 _STEP_CONFIGS = [
     _C({"BLOCK": 1024, "TILES": 1}, num_warps=8),
     _C({"BLOCK": 1024, "TILES": 4}, num_warps=8),
     _C({"BLOCK": 2048, "TILES": 1}, num_warps=16),
     _C({"BLOCK": 2048, "TILES": 2}, num_warps=16),
-    _C({"BLOCK": 512, "TILES": 4}, num_warps=4),
+    _C({"BLOCK": 1024, "TILES": 2}, num_warps=8),
     _C({"BLOCK": 1024, "TILES": 1}, num_warps=4),
 ]
 _ELEMENTWISE_CONFIGS = [
