@@ -234,6 +234,41 @@ def test_triton_chunks_of_every_kind(dtype):
 
 
 @interpreter
+def test_triton_model_level_two_tasks_match_torch():
+    """attach / masked_step (with alignment every 2 steps) / consolidate (Fisher merge)
+    through AIMConfig(backend="triton"), against the same run with backend="torch"."""
+    from tests.vlm_toy import ToyVLM, backward, snapshot, toy_groups
+    runs = {}
+    for backend in ("torch", "triton"):
+        model = ToyVLM(0)
+        state = ak.attach(model, ak.AIMConfig(groups=toy_groups(0.25, 0.0, 1.0), backend=backend,
+                                              align_every=2, merge="fisher", merge_alpha=0.5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stats = []
+        for task in range(2):
+            for seed in range(3):
+                opt.zero_grad(set_to_none=False)
+                backward(model, 10 * task + seed)
+                stats.append(ak.masked_step(model).as_dict())
+                opt.step()
+            ak.consolidate(model)
+        runs[backend] = snapshot(model, state), stats
+        ak.detach(model)
+    (want, want_stats), (got, got_stats) = runs["torch"], runs["triton"]
+    assert got.keys() == want.keys()
+    for key in want:
+        if want[key].is_floating_point():
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(got[key], want[key]), key
+    for g, w in zip(got_stats, want_stats):
+        for group in w:
+            assert g[group]["masked"] == w[group]["masked"]
+            for name, value in w[group].items():
+                assert math.isclose(g[group][name], value, rel_tol=1e-4, abs_tol=1e-12), name
+
+
+@interpreter
 @pytest.mark.parametrize("num_groups", [1, 40])
 def test_triton_launches_per_call_do_not_grow_with_groups(monkeypatch, num_groups):
     """fused_step / consolidate_: one kernel; thresholds: 4 radix passes x (histogram, pick);
