@@ -26,7 +26,8 @@ Organisation (every kernel covers all groups in one launch, whatever G):
   ``|anchor|`` then ``_align_kernel``, elementwise, writing only the reset elements.
 
 All math is fp32 on fp32/bf16/fp16 storage (loads upcast, stores round once); element
-indices are int64. On a GPU the block sizes are autotuned (``triton.autotune``, with
+indices are int64. Every program whose chunk lies wholly below N runs without masks, so
+its loads are vectorised whatever N (only the last program pays for masks). On a GPU the block sizes are autotuned (``triton.autotune``, with
 ``restore_value``/``reset_to_zero`` so tuning runs never leave a trace in the in-place
 outputs; small inputs skip tuning) and FMA contraction is off, so results follow the
 reference's separate multiply/add. Under ``TRITON_INTERPRET=1`` (read only through
