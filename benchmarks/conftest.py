@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
 
@@ -41,9 +42,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
                      "cuda": torch.version.cuda, "python": platform.python_version()},
         "backends": ak.available_backends(),
         "commit": _commit(),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:]),
+        "command": shlex.join([os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:]),
         "native": _native_info(),
-        "speedup_vs_torch": speedups(benchmarks),
+        "speedup_vs_torch": speedups(output_json.get("benchmarks", [])),
     }
 
 

@@ -27,7 +27,9 @@ namespace AIM_CPU_NS {
 namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 15;   // elements per scheduling unit
-constexpr int64_t kSerialBelow = int64_t(1) << 15;   // a team costs more than this much work
+// Below this many elements one thread does the work: waking a team (whose threads may
+// be spinning in, or descheduled by, other work on a small shared machine) costs more.
+constexpr int64_t kSerialBelow = int64_t(1) << 18;
 
 // Group of element `i`: the g with offsets[g] <= i < offsets[g+1] (empty groups skipped).
 inline int64_t group_of(const int64_t* offsets, int64_t groups, int64_t i) {

@@ -241,7 +241,7 @@ consolidate_kernel(ConsolidateArgs a, ConsolidateScalars k, int64_t phase) {
   S* fisher = static_cast<S*>(a.fisher);
   const int64_t tid = blockIdx.x * int64_t(kBlock) + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * kBlock;
-  int64_t vlo = 0, vhi = 0;
+  int64_t vlo = a.n, vhi = a.n;          // scalar head [0, vlo), tail [vhi, n)
   if (phase >= 0) {
     vlo = min(a.n, int64_t((VEC - phase % VEC) % VEC));
     vhi = vlo + (a.n - vlo) / VEC * VEC;
@@ -258,10 +258,8 @@ consolidate_kernel(ConsolidateArgs a, ConsolidateScalars k, int64_t phase) {
       *reinterpret_cast<PS*>(fisher + v) = fp;
     }
   }
-  for (int64_t i = tid; i < a.n; i += stride) {     // scalar: head, tail, or everything
-    if (i >= vlo && i < vhi) continue;
-    consolidate_one(param[i], anchor[i], imp[i], fisher[i], k);
-  }
+  for (int64_t i = tid; i < vlo; i += stride) consolidate_one(param[i], anchor[i], imp[i], fisher[i], k);
+  for (int64_t i = vhi + tid; i < a.n; i += stride) consolidate_one(param[i], anchor[i], imp[i], fisher[i], k);
 }
 
 template <typename T, typename S>
