@@ -41,6 +41,8 @@ def _version() -> str:
 CUDA = os.environ.get("AIM_CUDA", "auto").strip().lower() or "auto"
 NVCC, NVCC_VERSION = find_nvcc(CUDA, ROOT)
 TAG = "cu" + NVCC_VERSION.replace(".", "") if NVCC else "cpu"
+if shutil.which("cmake") is None and os.environ.get("AIM_REQUIRE_NATIVE") != "1":
+    TAG = None        # nothing native will be built: a plain, pure-Python version
 
 
 class CMakeBuild(build_ext):
@@ -53,6 +55,8 @@ class CMakeBuild(build_ext):
         except Exception as exc:   # noqa: BLE001 - any build failure means "no _C"
             if os.environ.get("AIM_REQUIRE_NATIVE") == "1":
                 raise
+            for ext in self.extensions:   # never ship a stale _C from an earlier build
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             self.warn(f"aim_kernels: the native module was not built ({exc}); installing the "
                       "pure-Python package (the `torch` backend works everywhere). "
                       "`python -m aim_kernels` shows what is available.")
@@ -92,7 +96,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    version=f"{_version()}+{TAG}",
+    version=f"{_version()}+{TAG}" if TAG else _version(),
     ext_modules=[Extension("aim_kernels._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -78,6 +78,8 @@ def main(argv=None) -> int:
         env["AIM_CUDA_ARCHS"] = args.archs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (ROOT / "build").glob("lib.*"):   # setuptools' staging of an earlier wheel
+        shutil.rmtree(stale)
     before = set(out.glob("*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(ROOT)], check=True, env=env)

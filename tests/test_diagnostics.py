@@ -37,3 +37,16 @@ def test_report_says_what_the_native_module_was_built_for():
         assert "cuda: not compiled in" in out
     if not __import__("torch").cuda.is_available():
         assert re.search(r"cuda\s+unavailable: ", out)
+
+
+def test_without_the_compiled_module_native_backends_say_why(monkeypatch):
+    """A pure-Python install (no compiler at install time): cpu/cuda are unavailable with
+    the reason, and the report says the module is not built."""
+    from aim_kernels import diagnostics
+    from aim_kernels.ops import native
+    monkeypatch.setattr(native, "_C", None)
+    monkeypatch.setattr(native, "_IMPORT_ERROR", "No module named 'aim_kernels._C'")
+    for name in ("cpu", "cuda"):
+        assert "aim_kernels._C is not built" in native.unavailable_reason(name)
+    assert native.built_info() == {"built": False, "error": "No module named 'aim_kernels._C'"}
+    assert "native module: not built (No module named 'aim_kernels._C')" in diagnostics.native_lines()

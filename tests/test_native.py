@@ -16,6 +16,7 @@ outputs are compared bit for bit; on a GPU within the tolerances of test_backend
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -422,13 +423,33 @@ def test_module_links_no_libtorch_and_no_cuda_runtime():
     assert not [lib for lib in needed if "cudart" in lib or lib.startswith("libcuda")], needed
 
 
-def test_built_for_sm80_to_sm90_when_cuda():
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    import pathlib
+    path = pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    return str(path) if path.exists() else None
+
+
+def test_cuda_code_in_the_module_matches_its_arch_list():
+    """The architectures the module says it carries are really in it: SASS for each,
+    PTX for the newest (by default sm_80, sm_86, sm_89, sm_90 + compute_90)."""
     info = native.built_info()
     if not _C.has_cuda:
         pytest.skip("built without CUDA (no nvcc at build time)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump here")
     archs = info["archs"].split(",")
-    for sm in ("80", "86", "89", "90"):
-        assert sm in archs or info["archs"] != "80,86,89,90", info
+    elf = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", _C.__file__], capture_output=True, text=True).stdout
+    assert sorted(set(re.findall(r"sm_(\d+)\.cubin", elf)), key=int) == sorted(archs, key=int), elf
+    assert re.findall(r"sm_(\d+)\.ptx", ptx) == [max(archs, key=int)], ptx
 
 
 def test_import_needs_no_driver():
