@@ -43,8 +43,9 @@ def toolchain(cuda: str) -> None:
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *pkgs], check=True)
     if not glob.glob(str(venv / "lib/python*/site-packages/nvidia/*/bin/nvcc")):
         raise SystemExit(
-            f"PyPI's CUDA {cuda} compiler packages hold no nvcc ({', '.join(pkgs)} ship ptxas "
-            f"and libnvvm only): set CUDA_HOME to a CUDA {cuda} toolkit and run again")
+            f"PyPI's CUDA {cuda} packages ({', '.join(pkgs)}) hold no nvcc: the compiler "
+            f"package ships ptxas and libnvvm only. Set CUDA_HOME to a CUDA {cuda} toolkit "
+            f"and run again")
 
 
 def cuobjdump() -> str | None:

@@ -50,3 +50,21 @@ def test_without_the_compiled_module_native_backends_say_why(monkeypatch):
         assert "aim_kernels._C is not built" in native.unavailable_reason(name)
     assert native.built_info() == {"built": False, "error": "No module named 'aim_kernels._C'"}
     assert "native module: not built (No module named 'aim_kernels._C')" in diagnostics.native_lines()
+
+
+def test_native_module_is_built_where_the_tools_are():
+    """`make test` builds `_C` when CMake and a C++ compiler are there, with CUDA when an
+    nvcc is found: a build that silently fell back to pure Python fails here, not later."""
+    import os
+    import shutil
+
+    import pytest
+    from aim_kernels.ops import native
+    if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
+        pytest.skip("no CMake or C++ compiler here: a pure-Python install is expected")
+    info = native.built_info()
+    assert info["built"], info
+    nvcc = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and
+                                    "/usr/local/cuda/bin/nvcc")
+    if nvcc and os.environ.get("AIM_CUDA", "auto") != "cpu":
+        assert info["cuda"], f"nvcc at {nvcc} but _C was built without CUDA: {info}"

@@ -92,9 +92,10 @@ def unavailable_reason(name: str) -> str:
 
 def backend(name: str):
     """The object ``ops.backends`` dispatches to: the four ops with reference.py's
-    signatures (the device of the tensors selects the CPU or the CUDA code)."""
-    if unavailable_reason(name):
-        raise RuntimeError(f"native backend {name!r} is not available: {unavailable_reason(name)}")
+    signatures (the device of the tensors selects the CPU or the CUDA code). The caller
+    (``ops.backends``) has asked ``unavailable_reason`` first."""
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"the native module has no backend {name!r}")
     return SimpleNamespace(name=name, fused_step=fused_step, group_thresholds=group_thresholds,
                            consolidate_=consolidate_, align_=align_)
 
