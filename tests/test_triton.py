@@ -234,6 +234,21 @@ def test_triton_chunks_of_every_kind(dtype):
 
 
 @interpreter
+def test_triton_thresholds_without_histogram_masks(monkeypatch):
+    """The path for Triton < 3.4 (no ``mask=`` in ``tl.histogram``): excluded lanes are
+    counted in slot 0 and subtracted."""
+    monkeypatch.setattr(kernels(), "HIST_MASK", False)
+    for shape, omega in (("g5_129", "ties"), ("empty_middle", "random")):
+        case = C.Case("thresholds", shape, mask="mixed", omega=omega, seed=5)
+        t = C.make_tensors(case)
+        c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"])
+        c_got, t_got = ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
+                                            backend="triton")
+        assert torch.equal(t_got, t_ref)
+        torch.testing.assert_close(c_got, c_ref, rtol=1e-5, atol=0)
+
+
+@interpreter
 def test_triton_model_level_two_tasks_match_torch():
     """attach / masked_step (with alignment every 2 steps) / consolidate (Fisher merge)
     through AIMConfig(backend="triton"), against the same run with backend="torch"."""
@@ -394,9 +409,10 @@ PTR = {F32: "*fp32", BF16: "*bf16", F16: "*fp16"}
 
 
 @AOT
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("dtype,state_dtype", [(F32, F32), (BF16, F32), (F16, F16), (BF16, BF16)],
-                         ids=["fp32", "bf16", "fp16", "bf16-state"])
+@pytest.mark.parametrize("arch,dtype,state_dtype", [
+    (90, F32, F32), (90, BF16, F32), (90, F16, F16), (90, BF16, BF16),
+    (80, F32, F32), (80, BF16, F32)], ids=["90-fp32", "90-bf16", "90-fp16", "90-bf16-state",
+                                          "80-fp32", "80-bf16"])
 def test_triton_kernels_compile_for_gpu(arch, dtype, state_dtype):
     pytest.importorskip("triton.backends.nvidia.compiler")
     K = kernels()
@@ -431,17 +447,20 @@ def test_triton_kernels_compile_for_gpu(arch, dtype, state_dtype):
                     prefix_ptr="*i64", rem_ptr="*i64", sum_ptr="*fp64", N="i64", G="i32",
                     tune_bucket="i32")
     for i, cfg in enumerate(K._HIST_CONFIGS if every else K._HIST_CONFIGS[:1]):
-        for shift, first in ((24, True), (8, False)):
+        for shift, first, hist_mask in ((24, True, K.HIST_MASK), (8, False, K.HIST_MASK),
+                                        (16, False, False))[:3 if every else 2]:
             jobs.append(("hist", K._hist_kernel, hist_sig,
-                         dict(SHIFT=shift, FIRST=first, SUM=first, STEPS=2, **cfg.kwargs),
+                         dict(SHIFT=shift, FIRST=first, SUM=first, STEPS=2,
+                              GW=K.HIST_WINDOW, HIST_MASK=hist_mask, **cfg.kwargs),
                          cfg.num_warps))
-    for ratio in ("*fp32", "*fp64"):
+    for ratio in (("*fp32", "*fp64") if dtype == state_dtype == F32 else ()):   # dtype-free
         for shift, first, last in ((24, True, False), (0, False, True)):
             jobs.append(("pick", K._pick_kernel,
                          dict(hist_ptr="*i64", prefix_ptr="*i64", rem_ptr="*i64",
                               sum_ptr="*fp64", offsets_ptr="*i64", ratio_ptr=ratio,
-                              inv_scale_ptr="*fp32", thresh_ptr="*fp32"),
-                         dict(SHIFT=shift, FIRST=first, LAST=last, SUM=True, NORMALIZE=True),
+                              inv_scale_ptr="*fp32", thresh_ptr="*fp32", G="i32"),
+                         dict(SHIFT=shift, FIRST=first, LAST=last, SUM=True, NORMALIZE=True,
+                              GB=K.PICK_GROUPS),
                          K.PICK_WARPS))
     import re
     for name, fn, sig, consts, warps in jobs:

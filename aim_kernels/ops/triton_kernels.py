@@ -15,13 +15,14 @@ Organisation (every kernel covers all groups in one launch, whatever G):
   device operations; nothing waits on the host.
 * ``group_thresholds`` and the magnitude threshold of ``align_`` -- an exact radix
   select over the fp32 bit pattern (sign bit dropped, as in ``reference.kth_largest``):
-  four passes of 8 bits. Each pass is one launch of ``_hist_kernel`` (per-program
-  ``tl.histogram`` of the elements still matching the group's selected prefix, then one
-  vector atomic of 256 int64 bins per (program, group)), followed by one launch of
-  ``_pick_kernel`` (one program per group: finds the bin holding the k-th largest,
-  extends the prefix, updates the remaining k). The first pass also sums the group's
-  values in fp64 for ``inv_scale``. No sort, no copy of the data; extra memory is
-  ``4 * G * 256`` int64 counters. ``k = floor(rho * n)`` is taken in fp64 on the device.
+  four passes of 8 bits. Each pass is one launch of ``_hist_kernel`` (per program, one
+  ``tl.histogram`` of ``(group - window) * 256 + digit`` over the elements still matching
+  their group's selected prefix, for a window of ``HIST_WINDOW`` groups -- a block inside
+  one group is one window -- then one vector atomic of the int64 counters), followed by
+  one launch of ``_pick_kernel`` (``[PICK_GROUPS, 256]`` tiles: per group, the bin holding
+  the k-th largest, the extended prefix, the remaining k). The first pass also sums the
+  groups' values in fp64 for ``inv_scale``. No sort, no copy of the data; extra memory
+  is ``4 * G * 256`` int64 counters. ``k = floor(rho * n)`` is taken in fp64 on the device.
 * ``consolidate_`` -- ``_consolidate_kernel``, elementwise; ``align_`` -- the select on
   ``|anchor|`` then ``_align_kernel``, elementwise, writing only the reset elements.
 
@@ -37,6 +38,7 @@ block and no autotuning.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import triton
@@ -67,7 +69,11 @@ TUNE_MIN_N = 1 << 20
 # elements -- so the copies the autotuner keeps of in-place outputs stay bounded (tuning a
 # 7B-element step in place would clone the whole gradient and Fisher buffers).
 TUNE_CAP_LOG2 = 24
-PICK_WARPS = 2
+PICK_WARPS = 4
+PICK_GROUPS = 8                  # groups per program of the pick kernel ([8, 256] tiles)
+HIST_WINDOW = 2                  # groups per histogram of the radix pass (2 x 256 bins)
+# tl.histogram(..., mask=) exists from Triton 3.4 on; before, excluded lanes are subtracted
+HIST_MASK = "mask" in inspect.signature(tl.histogram).parameters
 
 
 # --------------------------------------------------------------------------- helpers (device)
@@ -266,35 +272,16 @@ def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, off
 # --------------------------------------------------------------------------- radix select
 
 @triton.jit
-def _kth_count(offsets_ptr, ratio_ptr, g):
-    """``k = floor(ratio_g * n_g)`` in fp64, clamped to [0, n_g] (0 for a NaN ratio)."""
-    n = tl.load(offsets_ptr + g + 1) - tl.load(offsets_ptr + g)
-    nf = n.to(tl.float64)
-    kf = tl.floor(tl.load(ratio_ptr + g).to(tl.float64) * nf)
-    kf = tl.where(kf >= 1.0, kf, 0.0)
-    kf = tl.where(kf <= nf, kf, nf)
-    return kf.to(tl.int64), n
-
-
-@triton.jit
-def _hist_add(hist_ptr, g, digit, keep, BLOCK: tl.constexpr, BINS_: tl.constexpr):
-    """Adds the 256-bin histogram of the kept lanes' digits to group ``g``'s counters.
-    (Excluded lanes are counted in bin 0 and subtracted: no reliance on the ``mask``
-    argument of ``tl.histogram``, which older Triton lacks.)"""
-    bins = tl.arange(0, BINS_)
-    h = tl.histogram(tl.where(keep, digit, 0), BINS_)
-    excluded = BLOCK - tl.sum(keep.to(tl.int32))
-    h = h - tl.where(bins == 0, excluded, 0)
-    tl.atomic_add(hist_ptr + g * BINS_ + bins, h.to(tl.int64), mask=h > 0, sem="relaxed")
-
-
-@triton.jit
 def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, sum_ptr,
                  N, G, tune_bucket, SHIFT: tl.constexpr, FIRST: tl.constexpr,
-                 SUM: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
+                 SUM: tl.constexpr, STEPS: tl.constexpr, GW: tl.constexpr,
+                 HIST_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """One radix pass: per group, the histogram of digit ``(bits >> SHIFT) & 255`` over
     the elements whose higher digits equal the group's prefix (all of them in the first
-    pass, which also sums the values in fp64 when ``SUM``)."""
+    pass, which also sums the values in fp64 when ``SUM``); groups with k = 0 are left
+    out. The groups of the block are taken ``GW`` at a time: one ``tl.histogram`` of
+    ``(group - window start) * 256 + digit`` and one vector atomic of ``GW * 256`` int64
+    counters per (program, window) -- a block inside one group is one window."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     idx = start + tl.arange(0, BLOCK)
     m = idx < N
@@ -304,59 +291,84 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
         x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
     bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     digit = (bits >> SHIFT) & (BINS - 1)
-    gid = tl.where(m, _group_of(idx, offsets_ptr, G, STEPS), G)
-    g = tl.min(gid)
-    while g < G:
-        sel = gid == g
-        if FIRST:
-            if SUM:
-                tl.atomic_add(sum_ptr + g, tl.sum(tl.where(sel, x.to(tl.float64), 0.0)),
-                              sem="relaxed")
-            k, n = _kth_count(offsets_ptr, ratio_ptr, g)
-            if k > 0:
-                _hist_add(hist_ptr, g, digit, sel, BLOCK, BINS)
-        else:
-            if tl.load(rem_ptr + g) > 0:
-                prefix = tl.load(prefix_ptr + g).to(tl.int32)
-                keep = sel & ((bits >> (SHIFT + RADIX_BITS)) == (prefix >> (SHIFT + RADIX_BITS)))
-                _hist_add(hist_ptr, g, digit, keep, BLOCK, BINS)
-        g = tl.min(tl.where(gid > g, gid, G))
+    g_first = _group_of(start, offsets_ptr, G, STEPS)
+    g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
+    if g_first == g_last:
+        gid = idx * 0 + g_first
+    else:
+        gid = _group_of(idx, offsets_ptr, G, STEPS)
+    gid = tl.where(m, gid, 0)
+    if FIRST:        # groups with k = floor(ratio * n) >= 1
+        n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
+        k = tl.floor(tl.load(ratio_ptr + gid).to(tl.float64) * n.to(tl.float64))
+        keep = m & (k >= 1.0)
+    else:            # groups still selecting, elements matching their prefix
+        rem = tl.load(rem_ptr + gid)
+        prefix = tl.load(prefix_ptr + gid).to(tl.int32)
+        keep = m & (rem > 0) & ((bits >> (SHIFT + RADIX_BITS)) == (prefix >> (SHIFT + RADIX_BITS)))
+    slots = tl.arange(0, GW * BINS)
+    cols = tl.arange(0, GW)
+    for w in range(g_first, g_last + 1, GW):
+        local = gid - w
+        inwin = (local >= 0) & (local < GW)
+        key = tl.where(inwin, local, 0).to(tl.int32) * BINS + digit
+        if HIST_MASK:
+            h = tl.histogram(key, GW * BINS, mask=keep & inwin)
+        else:        # (older Triton: excluded lanes counted in slot 0, then subtracted)
+            sel = keep & inwin
+            h = tl.histogram(tl.where(sel, key, 0), GW * BINS)
+            h = h - tl.where(slots == 0, BLOCK - tl.sum(sel.to(tl.int32)), 0)
+        tl.atomic_add(hist_ptr + w * BINS + slots, h.to(tl.int64), mask=h > 0, sem="relaxed")
+        if SUM:
+            part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
+                            x.to(tl.float64)[:, None], 0.0)
+            tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0), mask=w + cols <= g_last,
+                          sem="relaxed")
 
 
 @triton.jit
 def _pick_kernel(hist_ptr, prefix_ptr, rem_ptr, sum_ptr, offsets_ptr, ratio_ptr,
-                 inv_scale_ptr, thresh_ptr, SHIFT: tl.constexpr, FIRST: tl.constexpr,
-                 LAST: tl.constexpr, SUM: tl.constexpr, NORMALIZE: tl.constexpr):
-    """One program per group: the digit of the k-th largest from this pass's histogram
-    (the largest digit d with count(digit >= d) >= remaining k), the new prefix and k.
-    The first pass also writes ``inv_scale`` (when ``SUM``), the last one ``thresh``."""
-    g = tl.program_id(0).to(tl.int64)
+                 inv_scale_ptr, thresh_ptr, G, SHIFT: tl.constexpr, FIRST: tl.constexpr,
+                 LAST: tl.constexpr, SUM: tl.constexpr, NORMALIZE: tl.constexpr,
+                 GB: tl.constexpr):
+    """``GB`` groups per program: the digit of each group's k-th largest from this pass's
+    histogram (the largest d with count(digit >= d) >= remaining k), the new prefix and
+    k. The first pass computes ``k = floor(ratio * n)`` in fp64 (clamped to [0, n]; 0 for
+    a NaN ratio) and writes ``inv_scale`` (when ``SUM``); the last one writes ``thresh``."""
+    g = tl.program_id(0).to(tl.int64) * GB + tl.arange(0, GB)
+    gm = g < G
     if FIRST:
-        rem, n = _kth_count(offsets_ptr, ratio_ptr, g)
+        n = tl.load(offsets_ptr + g + 1, mask=gm, other=0) - tl.load(offsets_ptr + g, mask=gm,
+                                                                      other=0)
+        nf = n.to(tl.float64)
+        kf = tl.floor(tl.load(ratio_ptr + g, mask=gm, other=0.0).to(tl.float64) * nf)
+        kf = tl.where(kf >= 1.0, kf, 0.0)
+        kf = tl.where(kf <= nf, kf, nf)
+        rem = kf.to(tl.int64)
         prefix = rem * 0
         if SUM:
-            total = tl.load(sum_ptr + g)
+            total = tl.load(sum_ptr + g, mask=gm, other=0.0)
             if NORMALIZE:
-                c = tl.where(total > 0.0, n.to(tl.float64) / total, 0.0)
+                c = tl.where(total > 0.0, nf / total, 0.0)
             else:
                 c = total * 0.0 + 1.0
-            tl.store(inv_scale_ptr + g, c.to(tl.float32))
+            tl.store(inv_scale_ptr + g, c.to(tl.float32), mask=gm)
     else:
-        rem = tl.load(rem_ptr + g)
-        prefix = tl.load(prefix_ptr + g)
+        rem = tl.load(rem_ptr + g, mask=gm, other=0)
+        prefix = tl.load(prefix_ptr + g, mask=gm, other=0)
     bins = tl.arange(0, BINS)
-    h = tl.load(hist_ptr + g * BINS + bins)
-    at_or_above = tl.sum(h) - tl.cumsum(h, 0) + h          # count of digits >= d
-    digit = tl.max(tl.where(at_or_above >= rem, bins, 0)).to(tl.int64)
-    above = tl.sum(tl.where(bins > digit, h, 0))
+    h = tl.load(hist_ptr + g[:, None] * BINS + bins[None, :], mask=gm[:, None], other=0)
+    at_or_above = tl.sum(h, 1)[:, None] - tl.cumsum(h, 1) + h      # count of digits >= d
+    digit = tl.max(tl.where(at_or_above >= rem[:, None], bins[None, :], 0), 1).to(tl.int64)
+    above = tl.sum(tl.where(bins[None, :] > digit[:, None], h, 0), 1)
     active = rem > 0
     prefix = tl.where(active, prefix | (digit << SHIFT), prefix)
     rem = tl.where(active, rem - above, rem)
-    tl.store(prefix_ptr + g, prefix)
-    tl.store(rem_ptr + g, rem)
+    tl.store(prefix_ptr + g, prefix, mask=gm)
+    tl.store(rem_ptr + g, rem, mask=gm)
     if LAST:
         value = prefix.to(tl.int32).to(tl.float32, bitcast=True)
-        tl.store(thresh_ptr + g, tl.where(active, value, float("inf")))
+        tl.store(thresh_ptr + g, tl.where(active, value, float("inf")), mask=gm)
 
 
 # --------------------------------------------------------------------------- consolidate, align
@@ -497,8 +509,9 @@ _ELEMENTWISE_CONFIGS = [
 ]
 _HIST_CONFIGS = [
     _C({"BLOCK": 1024}, num_warps=8),
-    _C({"BLOCK": 2048}, num_warps=16),
     _C({"BLOCK": 2048}, num_warps=8),
+    _C({"BLOCK": 1024}, num_warps=4),
+    _C({"BLOCK": 4096}, num_warps=16),
 ]
 
 class _Roles:
@@ -572,11 +585,14 @@ def _launch(name: str, n: int, args: tuple, **meta) -> None:
 
 
 def _launch_pick(num_groups: int, args: tuple, **meta) -> None:
+    gb = min(triton.next_power_of_2(num_groups), PICK_GROUPS)
+    grid = (triton.cdiv(num_groups, gb),)
     if autotuned():
-        _pick_kernel[(num_groups,)](*args, **meta, num_warps=PICK_WARPS, enable_fp_fusion=False)
+        _pick_kernel[grid](*args, num_groups, **meta, GB=gb, num_warps=PICK_WARPS,
+                           enable_fp_fusion=False)
     else:
         with _quiet():
-            _pick_kernel[(num_groups,)](*args, **meta)
+            _pick_kernel[grid](*args, num_groups, **meta, GB=gb)
 
 
 def _quiet():
@@ -637,7 +653,8 @@ def _select(values, offsets, ratio, *, with_sum: bool, normalize: bool = True):
         if n:
             _launch("hist", n, (values, offsets, ratio, hists[p], prefix, rem, sums, n,
                                 num_groups),
-                    SHIFT=shift, FIRST=first, SUM=with_sum and first, STEPS=steps)
+                    SHIFT=shift, FIRST=first, SUM=with_sum and first, STEPS=steps,
+                    GW=HIST_WINDOW, HIST_MASK=HIST_MASK)
         _launch_pick(num_groups, (hists[p], prefix, rem, sums, offsets, ratio, inv_scale,
                                   thresh),
                      SHIFT=shift, FIRST=first, LAST=last, SUM=with_sum and first,
