@@ -224,7 +224,12 @@ def test_threshold_k_edges():
             c_ref, t_ref = reference.group_thresholds(omega, offsets, ratio, normalize=normalize)
             c, t = native.group_thresholds(omega, offsets, ratio, normalize=normalize)
             assert torch.equal(t, t_ref) and torch.equal(c, c_ref)
-    assert math.isinf(t[0]) and c_ref[1] == 0 or not normalize
+            if normalize:
+                assert math.isinf(t[0]) and math.isinf(t[2]), t     # k = 0, empty group
+                assert c[1] == 0 and c[2] == 0, c                    # sum 0 -> c = 0
+                assert t[3] == 2.0 if rdt == torch.float64 else True  # floor(0.7 * 6) = 4th largest
+            else:
+                assert torch.equal(c, torch.ones(4))
 
 
 # --------------------------------------------------------------------------- consolidate / align
