@@ -1,0 +1,184 @@
+"""``aim-kernels compare`` / ``run``: every method on the same seeds and task orders.
+
+quick = one seed (seed 1), full = three seeds (1, 2, 3); seed 0 is kept for tuning
+the presets (``benchmarks/results/continual/tuning_seed0.json``), so nothing
+reported is tuned on. Writes ``summary.json``, ``report.md``, PNG plots and
+``runs.json`` (every run's R, order, timings and per-group drift) to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import contribution, data, metrics, report
+from .model import ModelSpec, make_model
+from .train import ALL, METHODS, RunConfig, run_method
+
+PRESETS = {"quick": {"seeds": [1]}, "full": {"seeds": [1, 2, 3]}}
+
+
+def task_orders(seed: int, n: int, mode: str, skills=data.SKILLS, rc: RunConfig | None = None,
+                bench=None) -> list[list[str]]:
+    """The task orders of one seed: the default order, ``n`` random ones, or the
+    order minimising the cross-modal contribution of adjacent tasks (seed 001)."""
+    if mode == "contribution":
+        from .contribution import contribution_order, contributions
+        model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress)
+        con = contributions(model, bench, list(skills))
+        return [contribution_order(con, list(skills))]
+    if mode == "random" or n > 1:
+        rng = np.random.default_rng([seed, 7])
+        return [list(skills) if (k == 0 and mode != "random") else
+                [skills[i] for i in rng.permutation(len(skills))] for k in range(n)]
+    return [list(skills)]
+
+
+def device_name() -> str:
+    import os
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def aggregate(runs: list[dict]) -> dict:
+    ap = [r["ap"] for r in runs]
+    af = [r["af"] for r in runs]
+    nv = [r["novel"] for r in runs]
+    out = {}
+    out["ap"], out["ap_std"] = metrics.mean_std(ap)
+    out["af"], out["af_std"] = metrics.mean_std(af)
+    out["novel"], out["novel_std"] = metrics.mean_std(nv)
+    R = np.mean([np.array(r["acc_matrix"]) for r in runs], axis=0)
+    out["acc_matrix"] = [[round(float(x), 2) for x in row] for row in R]
+    out["orders"] = [r["order"] for r in runs]
+    out["seconds"] = float(np.mean([r["seconds"] for r in runs]))
+    out["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
+    out["step_overhead"] = float(np.mean([r["step_overhead"] for r in runs]))
+    out["runs"] = len(runs)
+    for k in ("ap", "ap_std", "af", "af_std", "novel", "novel_std", "seconds", "train_seconds"):
+        out[k] = round(out[k], 3)
+    out["step_overhead"] = round(out["step_overhead"], 4)
+    return out
+
+
+def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, order: str = "default",
+            preset: str = "custom", overrides: dict | None = None, skills=data.SKILLS,
+            sizes: tuple[int, int, int] = (3000, 300, 200)) -> dict:
+    """Run ``methods`` on ``seeds`` x task orders; write summary.json, runs.json, report.md
+    and plots to ``out``. ``overrides``: {method: {AIMConfig field: value}}; ``sizes``:
+    examples per task in (train, test, novel)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    cons = []
+    for seed in seeds:
+        bench = data.make_benchmark(seed, *sizes, skills=tuple(skills))
+        model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress)
+        cons.append(contribution.contributions(model, bench, list(skills)))
+        del model
+        for o in task_orders(seed, orders, order, skills=tuple(skills), rc=rc, bench=bench):
+            for m in methods:
+                r = run_method(m, bench, o, seed, rc, (overrides or {}).get(m))
+                runs[m].append(r)
+                print(f"{m:>12} seed {seed} order {'/'.join(s[:3] for s in o)}: AP {r['ap']:.1f} "
+                      f"AF {r['af']:.1f} novel {r['novel']:.1f} ({r['seconds']:.0f} s, masked_step "
+                      f"{100 * r['step_overhead']:.1f}% of the step)", flush=True)
+    summary = {
+        "preset": preset, "device": device_name(),
+        "config": {"seeds": list(seeds), "orders": orders, "order": order, "steps_per_task": rc.steps,
+                   "batch": rc.batch, "lr": rc.lr, "model": vars(rc.spec) if not hasattr(rc.spec, "__dataclass_fields__")
+                   else {k: getattr(rc.spec, k) for k in rc.spec.__dataclass_fields__},
+                   "checkpoint": rc.checkpoint, "skills": list(skills), "overrides": overrides or {},
+                   "held_out": {k: list(v) for k, v in data.HELD_OUT.items()}},
+        "methods": {m: aggregate(runs[m]) for m in methods if m != "joint"},
+    }
+    if "joint" in runs:
+        summary["joint"] = aggregate(runs["joint"])
+    con = {k: np.mean([c[k] for c in cons], axis=0).round(5).tolist() for k in contribution.KINDS}
+    summary["contribution"] = {
+        "skills": list(skills), "matrices": con,
+        "order_min_cross_modal": contribution.contribution_order(con, list(skills)),
+        "correlation_with_drop": {m: contribution.forgetting_correlation(con, list(skills), runs[m])
+                                  for m in methods if m != "joint"},
+    }
+    summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "runs.json").write_text(json.dumps(runs))
+    report.write_report(summary, runs, out)
+    return summary
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=200, help="training steps per task")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--orders", type=int, default=1, help="number of task orders per seed")
+    p.add_argument("--order", default="default", choices=("default", "random", "contribution"),
+                   help="default: the skills' order (plus random ones when --orders > 1); "
+                        "contribution: minimise the cross-modal contribution of adjacent tasks")
+    p.add_argument("--checkpoint", default=None, help="a local HF LLaVA checkpoint folder")
+    p.add_argument("--cache", default=None, help="cache folder of the pre-trained models "
+                                                 "(default ~/.cache/aim_kernels/continual)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pretrain-steps", type=int, default=ModelSpec.pretrain_steps)
+
+
+def _rc(args) -> RunConfig:
+    torch.set_num_threads(args.threads)
+    return RunConfig(steps=args.steps, batch=args.batch, lr=args.lr, progress=not args.no_progress,
+                     checkpoint=args.checkpoint, cache=args.cache,
+                     spec=ModelSpec(pretrain_steps=args.pretrain_steps))
+
+
+def _csv(s: str) -> list[str]:
+    return [x for x in s.split(",") if x]
+
+
+def compare_main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="aim-kernels compare", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="quick", choices=tuple(PRESETS))
+    p.add_argument("--methods", default=",".join(ALL), help=f"comma-separated, from {ALL}")
+    p.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
+    p.add_argument("--out", default="results/continual")
+    _common(p)
+    args = p.parse_args(argv)
+    methods = _csv(args.methods)
+    bad = [m for m in methods if m not in ALL]
+    if bad:
+        p.error(f"unknown method {bad[0]!r}; choose from {ALL}")
+    seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else PRESETS[args.preset]["seeds"]
+    summary = compare(methods, seeds, args.out, _rc(args), args.orders, args.order, args.preset)
+    print((Path(args.out) / "report.md").read_text())
+    return summary
+
+
+def run_main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="aim-kernels run", description="one method, one seed")
+    p.add_argument("--method", default="aim", choices=ALL)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None, help="also write summary.json / report.md / plots here")
+    _common(p)
+    args = p.parse_args(argv)
+    rc = _rc(args)
+    if args.out:
+        return compare([args.method], [args.seed], args.out, rc, args.orders, args.order, "run")
+    bench = data.make_benchmark(args.seed)
+    result = None
+    for o in task_orders(args.seed, args.orders, args.order, rc=rc, bench=bench):
+        result = run_method(args.method, bench, o, args.seed, rc)
+        print(f"{args.method} seed {args.seed}, order {o}")
+        for row in result["acc_matrix"]:
+            print("  " + " ".join(f"{x:6.1f}" for x in row))
+        print(f"AP {result['ap']:.1f}  AF {result['af']:.1f}  novel {result['novel']:.1f}  "
+              f"{result['seconds']:.0f} s, masked_step {100 * result['step_overhead']:.1f}% of the step")
+    return result
+
+
+__all__ = ["compare", "compare_main", "run_main", "task_orders", "METHODS", "ALL", "PRESETS"]

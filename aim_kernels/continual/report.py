@@ -1,0 +1,148 @@
+"""report.md and PNG plots (matplotlib, Agg) from a comparison's summary and runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _fmt(m: float, s: float) -> str:
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def table(summary: dict) -> str:
+    """The markdown table of AP / AF / novel (percent, mean ± std over runs) and timings."""
+    rows = ["| method | AP ↑ | AF ↓ | novel ↑ | s / run | masked_step share of a step |",
+            "|---|---|---|---|---|---|"]
+    for name, r in summary["methods"].items():
+        rows.append(f"| `{name}` | {_fmt(r['ap'], r['ap_std'])} | {_fmt(r['af'], r['af_std'])} | "
+                    f"{_fmt(r['novel'], r['novel_std'])} | {r['seconds']:.0f} | "
+                    f"{100 * r['step_overhead']:.1f}% |")
+    if "joint" in summary:
+        r = summary["joint"]
+        rows.append(f"| `joint` (upper bound) | {_fmt(r['ap'], r['ap_std'])} | – | "
+                    f"{_fmt(r['novel'], r['novel_std'])} | {r['seconds']:.0f} | "
+                    f"{100 * r['step_overhead']:.1f}% |")
+    return "\n".join(rows)
+
+
+def write_report(summary: dict, runs: dict, out: Path) -> None:
+    out = Path(out)
+    cfg = summary["config"]
+    lines = [f"# Continual-VQA comparison ({summary['preset']})", "",
+             f"Device: {summary['device']}. Seeds {cfg['seeds']}, {cfg['orders']} task order(s) per "
+             f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task, batch {cfg['batch']}, "
+             f"AdamW lr {cfg['lr']}. Percent, mean ± std over seeds x orders. "
+             f"Wall time {summary.get('wall_seconds', 0):.0f} s.", "",
+             table(summary), "",
+             "AP = mean accuracy over all tasks after the last; AF = mean over tasks but the last "
+             "of (best accuracy before the end - final accuracy); novel = final accuracy on the "
+             "held-out skill-concept compositions (DESIGN.md 4). Accuracy is the argmax over the "
+             "task's candidate answers. `s / run` is the wall time of one method on one seed "
+             "(model set-up, training, evaluation); the last column is the time inside "
+             "`ak.masked_step` over the time of whole steps (forward, backward, masked_step, "
+             "AdamW).", ""]
+    first = next(iter(runs.values()))[0]
+    lines += [f"## Accuracy matrices R (mean over runs; rows: after task i, columns: task j; "
+              f"order of the first run: {', '.join(first['order'])})", ""]
+    for name, r in list(summary["methods"].items()) + ([("joint", summary["joint"])]
+                                                       if "joint" in summary else []):
+        lines += [f"### `{name}`", "", "| after \\ task | " + " | ".join(str(j) for j in range(len(r['acc_matrix'][0]))) + " |",
+                  "|---" * (len(r["acc_matrix"][0]) + 1) + "|"]
+        for i, row in enumerate(r["acc_matrix"]):
+            lines.append(f"| {i} | " + " | ".join(f"{x:.1f}" for x in row) + " |")
+        lines.append("")
+    con = summary.get("contribution")
+    if con:
+        lines += ["## Cross-modal contributions (seed 001)", "",
+                  "Expected cosines between tasks' projected image features (I) and question-text "
+                  "embeddings (T), from the pre-trained model before the first task "
+                  f"(tasks: {', '.join(con['skills'])}); see `contribution.png`. Order minimising the "
+                  f"summed I->T + T->I contribution of adjacent tasks: {', '.join(con['order_min_cross_modal'])}.",
+                  "", "Pearson r between Con(i, j) and the accuracy task i loses while task j trains "
+                  "(every pair i < j of every run):", "",
+                  "| method | " + " | ".join(f"Con {k}" for k in ("I->T", "T->I", "I->I", "T->T")) + " | pairs |",
+                  "|---|---|---|---|---|---|"]
+        for m, c in con["correlation_with_drop"].items():
+            lines.append(f"| `{m}` | " + " | ".join(f"{c[k]:.2f}" for k in ("I->T", "T->I", "I->I", "T->T"))
+                         + f" | {c['pairs']} |")
+        lines.append("")
+    lines += ["Plots: `acc_matrices.png`, `ap_af.png`, `drift.png` (per-group squared drift from "
+              "the anchor, over the steps of the first run).", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plots(summary, runs, out)
+
+
+def plots(summary: dict, runs: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    named = list(summary["methods"].items()) + ([("joint", summary["joint"])] if "joint" in summary else [])
+    n = len(named)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (name, r) in zip(axes.flat, named):
+        R = np.array(r["acc_matrix"])
+        ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
+        for (i, j), v in np.ndenumerate(R):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if v < 60 else "black")
+        ax.set_title(f"{name}: AP {r['ap']:.1f}", fontsize=9)
+        ax.set_xlabel("task j", fontsize=7)
+        ax.set_ylabel("after task i", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "acc_matrices.png", dpi=110)
+    plt.close(fig)
+
+    methods = list(summary["methods"])
+    x = np.arange(len(methods))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(methods)), 3.2))
+    ap = [summary["methods"][m]["ap"] for m in methods]
+    af = [summary["methods"][m]["af"] for m in methods]
+    ax.bar(x - 0.2, ap, 0.4, yerr=[summary["methods"][m]["ap_std"] for m in methods], label="AP")
+    ax.bar(x + 0.2, af, 0.4, yerr=[summary["methods"][m]["af_std"] for m in methods], label="AF")
+    if "joint" in summary:
+        ax.axhline(summary["joint"]["ap"], color="k", ls="--", lw=1, label="joint AP")
+    ax.set_xticks(x, methods, fontsize=8)
+    ax.set_ylabel("percent")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ap_af.png", dpi=110)
+    plt.close(fig)
+
+    con = summary.get("contribution")
+    if con:
+        fig, axes = plt.subplots(1, 4, figsize=(13, 3.3))
+        for ax, k in zip(axes, ("I->T", "T->I", "I->I", "T->T")):
+            M = np.array(con["matrices"][k])
+            im = ax.imshow(M, cmap="coolwarm")
+            ax.set_title(f"Con {k}", fontsize=9)
+            ax.set_xticks(range(len(con["skills"])), con["skills"], rotation=60, fontsize=6)
+            ax.set_yticks(range(len(con["skills"])), con["skills"], fontsize=6)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(out / "contribution.png", dpi=110)
+        plt.close(fig)
+
+    groups = sorted({g for rs in runs.values() for g in rs[0]["drift"]["groups"]})
+    groups = [g for g in groups if any(sum(rs[0]["drift"]["groups"].get(g, {}).get("drift_sq", [0])) > 0
+                                       for rs in runs.values())] or groups
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4.5 * max(1, len(groups)), 3.2), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        for name, rs in runs.items():
+            d = rs[0]["drift"]
+            if g in d["groups"]:
+                ax.plot(d["step"], d["groups"][g]["drift_sq"], label=name, lw=1)
+        for end in runs[methods[0]][0]["drift"]["task_ends"][:-1] if methods else []:
+            ax.axvline(end, color="grey", lw=0.5, ls=":")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_title(f"{g}: Σ (θ - anchor)²", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "drift.png", dpi=110)
+    plt.close(fig)
