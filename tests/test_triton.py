@@ -185,7 +185,8 @@ def test_triton_align_fuzz(sizes, dtype, mode, ratio, kind, seed):
 @interpreter
 @FUZZ
 @given(n=st.integers(0, 300), dtype=st.sampled_from([F32, F16]),
-       merge=st.sampled_from([None, "fisher", "linear"]), alpha=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+       merge=st.sampled_from([None, "fisher", "linear"]),
+       alpha=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
        decay=st.sampled_from([1.0, 0.5, 0.0]), fisher_scale=st.floats(0.01, 100.0),
        seed=st.integers(0, 2 ** 31 - 1))
 def test_triton_consolidate_fuzz(n, dtype, merge, alpha, decay, fisher_scale, seed):

@@ -28,9 +28,10 @@ Organisation (every kernel covers all groups in one launch, whatever G):
 
 All math is fp32 on fp32/bf16/fp16 storage (loads upcast, stores round once); element
 indices are int64. Every program whose chunk lies wholly below N runs without masks, so
-its loads are vectorised whatever N (only the last program pays for masks). On a GPU the block sizes are autotuned (``triton.autotune``, with
-``restore_value``/``reset_to_zero`` so tuning runs never leave a trace in the in-place
-outputs; small inputs skip tuning) and FMA contraction is off, so results follow the
+its loads are vectorised whatever N (only the last program pays for masks). On a GPU the
+block sizes are autotuned (``triton.autotune``, with ``restore_value``/``reset_to_zero``
+so tuning runs never leave a trace in the in-place outputs; small inputs skip tuning;
+large ones are tuned once on a prefix) and FMA contraction is off, so results follow the
 reference's separate multiply/add. Under ``TRITON_INTERPRET=1`` (read only through
 ``backends.triton_interpreting``) the same kernels run on CPU tensors with a fixed small
 block and no autotuning.
@@ -283,47 +284,60 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
     ``(group - window start) * 256 + digit`` and one vector atomic of ``GW * 256`` int64
     counters per (program, window) -- a block inside one group is one window."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    idx = start + tl.arange(0, BLOCK)
-    m = idx < N
-    if start + BLOCK <= N:
-        x = tl.load(x_ptr + idx).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
-    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    digit = (bits >> SHIFT) & (BINS - 1)
     g_first = _group_of(start, offsets_ptr, G, STEPS)
     g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
-    if g_first == g_last:
-        gid = idx * 0 + g_first
-    else:
-        gid = _group_of(idx, offsets_ptr, G, STEPS)
-    gid = tl.where(m, gid, 0)
-    if FIRST:        # groups with k = floor(ratio * n) >= 1
-        n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
-        k = tl.floor(tl.load(ratio_ptr + gid).to(tl.float64) * n.to(tl.float64))
-        keep = m & (k >= 1.0)
-    else:            # groups still selecting, elements matching their prefix
-        rem = tl.load(rem_ptr + gid)
-        prefix = tl.load(prefix_ptr + gid).to(tl.int32)
-        keep = m & (rem > 0) & ((bits >> (SHIFT + RADIX_BITS)) == (prefix >> (SHIFT + RADIX_BITS)))
-    slots = tl.arange(0, GW * BINS)
-    cols = tl.arange(0, GW)
-    for w in range(g_first, g_last + 1, GW):
-        local = gid - w
-        inwin = (local >= 0) & (local < GW)
-        key = tl.where(inwin, local, 0).to(tl.int32) * BINS + digit
-        if HIST_MASK:
-            h = tl.histogram(key, GW * BINS, mask=keep & inwin)
-        else:        # (older Triton: excluded lanes counted in slot 0, then subtracted)
-            sel = keep & inwin
-            h = tl.histogram(tl.where(sel, key, 0), GW * BINS)
-            h = h - tl.where(slots == 0, BLOCK - tl.sum(sel.to(tl.int32)), 0)
-        tl.atomic_add(hist_ptr + w * BINS + slots, h.to(tl.int64), mask=h > 0, sem="relaxed")
+    # a block inside one group that has nothing to select (k = 0, or done) reads nothing:
+    # with mask_ratio 0 (most presets) three of the four passes cost no data traffic
+    if FIRST:
+        n_first = tl.load(offsets_ptr + g_first + 1) - tl.load(offsets_ptr + g_first)
+        k_first = tl.floor(tl.load(ratio_ptr + g_first).to(tl.float64) * n_first.to(tl.float64))
+        live = (g_first != g_last) | (k_first >= 1.0)
         if SUM:
-            part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
-                            x.to(tl.float64)[:, None], 0.0)
-            tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0), mask=w + cols <= g_last,
+            live = g_first >= 0
+    else:
+        live = (g_first != g_last) | (tl.load(rem_ptr + g_first) > 0)
+    if live:
+        idx = start + tl.arange(0, BLOCK)
+        m = idx < N
+        if start + BLOCK <= N:
+            x = tl.load(x_ptr + idx).to(tl.float32)
+        else:
+            x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        digit = (bits >> SHIFT) & (BINS - 1)
+        if g_first == g_last:
+            gid = idx * 0 + g_first
+        else:
+            gid = _group_of(idx, offsets_ptr, G, STEPS)
+        gid = tl.where(m, gid, 0)
+        if FIRST:        # groups with k = floor(ratio * n) >= 1
+            n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
+            k = tl.floor(tl.load(ratio_ptr + gid).to(tl.float64) * n.to(tl.float64))
+            keep = m & (k >= 1.0)
+        else:            # groups still selecting, elements matching their prefix
+            rem = tl.load(rem_ptr + gid)
+            prefix = tl.load(prefix_ptr + gid).to(tl.int32)
+            keep = m & (rem > 0) & ((bits >> (SHIFT + RADIX_BITS))
+                                    == (prefix >> (SHIFT + RADIX_BITS)))
+        slots = tl.arange(0, GW * BINS)
+        cols = tl.arange(0, GW)
+        for w in range(g_first, g_last + 1, GW):
+            local = gid - w
+            inwin = (local >= 0) & (local < GW)
+            key = tl.where(inwin, local, 0).to(tl.int32) * BINS + digit
+            if HIST_MASK:
+                h = tl.histogram(key, GW * BINS, mask=keep & inwin)
+            else:        # (older Triton: excluded lanes counted in slot 0, then subtracted)
+                sel = keep & inwin
+                h = tl.histogram(tl.where(sel, key, 0), GW * BINS)
+                h = h - tl.where(slots == 0, BLOCK - tl.sum(sel.to(tl.int32)), 0)
+            tl.atomic_add(hist_ptr + w * BINS + slots, h.to(tl.int64), mask=h > 0,
                           sem="relaxed")
+            if SUM:
+                part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
+                                x.to(tl.float64)[:, None], 0.0)
+                tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0), mask=w + cols <= g_last,
+                              sem="relaxed")
 
 
 @triton.jit
@@ -358,9 +372,11 @@ def _pick_kernel(hist_ptr, prefix_ptr, rem_ptr, sum_ptr, offsets_ptr, ratio_ptr,
         prefix = tl.load(prefix_ptr + g, mask=gm, other=0)
     bins = tl.arange(0, BINS)
     h = tl.load(hist_ptr + g[:, None] * BINS + bins[None, :], mask=gm[:, None], other=0)
-    at_or_above = tl.sum(h, 1)[:, None] - tl.cumsum(h, 1) + h      # count of digits >= d
-    digit = tl.max(tl.where(at_or_above >= rem[:, None], bins[None, :], 0), 1).to(tl.int64)
-    above = tl.sum(tl.where(bins[None, :] > digit[:, None], h, 0), 1)
+    at_or_above = tl.cumsum(h, 1, reverse=True)                     # count of digits >= d
+    # non-increasing in d: the digits d with at_or_above >= k are exactly 0..digit
+    reached = at_or_above >= rem[:, None]
+    digit = tl.sum(reached.to(tl.int64), 1) - 1
+    above = tl.sum(tl.where(reached, 0, h), 1)                     # count of digits > digit
     active = rem > 0
     prefix = tl.where(active, prefix | (digit << SHIFT), prefix)
     rem = tl.where(active, rem - above, rem)
@@ -513,6 +529,7 @@ _HIST_CONFIGS = [
     _C({"BLOCK": 1024}, num_warps=4),
     _C({"BLOCK": 4096}, num_warps=16),
 ]
+
 
 class _Roles:
     """Positional arguments of a data kernel, for tuning on a prefix: ``elem`` per-element
