@@ -336,17 +336,27 @@ select_hist(const T* x, const int64_t* off, int64_t groups, int pass, const SelS
   }
 }
 
-// Fixes one digit per group from its histogram and clears the histogram.
-__global__ void select_walk(int64_t groups, int pass, SelState* state, unsigned long long* hist) {
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
-       g += int64_t(gridDim.x) * blockDim.x) {
-    SelState s = state[g];
-    if (s.remaining == 0) continue;
-    unsigned long long* h = hist + g * select::kBins;
-    select::State st{s.prefix, s.remaining};
-    select::walk(st, pass, [&](int d) { return h[d]; });
-    state[g] = SelState{st.prefix, 0u, st.remaining};
-    for (int b = 0; b < select::kBins; ++b) h[b] = 0;
+// Fixes one digit per group from its histogram and clears the histogram: the block
+// stages the bins in shared memory (coalesced), then one thread walks them there, so
+// the walk's loop-carried dependence costs shared-memory latency, not global.
+__global__ void __launch_bounds__(kBlock)
+select_walk(int64_t groups, int pass, SelState* state, unsigned long long* hist) {
+  __shared__ unsigned long long h[select::kBins];
+  for (int64_t g = blockIdx.x; g < groups; g += gridDim.x) {
+    const SelState s = state[g];
+    if (s.remaining == 0) continue;                            // block-uniform
+    unsigned long long* gh = hist + g * select::kBins;
+    for (int b = threadIdx.x; b < select::kBins; b += kBlock) {
+      h[b] = gh[b];
+      gh[b] = 0;                                               // ready for the next pass
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      select::State st{s.prefix, s.remaining};
+      select::walk(st, pass, [&](int d) { return h[d]; });
+      state[g] = SelState{st.prefix, 0u, st.remaining};
+    }
+    __syncthreads();
   }
 }
 
@@ -380,7 +390,7 @@ void select_launch(const void* values, const int64_t* off, int64_t groups, const
         static_cast<const T*>(values), off, groups, pass, s.state, s.hist,
         (with_sums && pass == 0) ? s.sums : nullptr);
     check(cudaGetLastError(), "select_hist kernel launch");
-    select_walk<<<small, 128, 0, stream>>>(groups, pass, s.state, s.hist);
+    select_walk<<<gy, kBlock, 0, stream>>>(groups, pass, s.state, s.hist);
     check(cudaGetLastError(), "select_walk kernel launch");
   }
   select_finish<<<small, 128, 0, stream>>>(off, groups, s.state, s.sums, normalize,
