@@ -498,9 +498,16 @@ def _prune_small(configs, nargs, **kwargs):
     return configs[:1] if nargs["N"] < TUNE_MIN_N else configs
 
 
+_AUTOTUNE_ARGS = inspect.signature(triton.autotune).parameters
+if "restore_value" not in _AUTOTUNE_ARGS:    # (ImportError: the backend reports why)
+    raise ImportError(f"triton {triton.__version__} is too old: its autotuner cannot restore "
+                      "in-place outputs (restore_value); install triton>=3.0")
+
+
 def _tuned(configs, restore=(), reset=()):
+    timer = {"do_bench": _do_bench} if "do_bench" in _AUTOTUNE_ARGS else {}
     return triton.autotune(configs=configs, key=["tune_bucket"], restore_value=list(restore),
-                           reset_to_zero=list(reset), do_bench=_do_bench,
+                           reset_to_zero=list(reset), **timer,
                            prune_configs_by={"early_config_prune": _prune_small})
 
 
