@@ -491,6 +491,8 @@ def test_triton_ops_do_not_sync_the_host():
     ops.fused_step(*args, **kw, backend="triton")           # compile / tune outside the check
     ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"], backend="triton")
     ops.align_(t["param"], t["anchor"], t["offsets"], 0.5, backend="triton")
+    ops.consolidate_(*(t[k].clone() for k in ("param", "anchor", "importance", "fisher")),
+                     fisher_scale=2.0, decay=1.0, merge="fisher", backend="triton")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
