@@ -68,7 +68,7 @@ def aggregate(runs: list[dict]) -> dict:
 
 def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, order: str = "default",
             preset: str = "custom", overrides: dict | None = None, skills=data.SKILLS,
-            sizes: tuple[int, int, int] = (3000, 300, 200)) -> dict:
+            sizes: tuple[int, int, int] = (3000, 300, 200), jobs: int = 1) -> dict:
     """Run ``methods`` on ``seeds`` x task orders; write summary.json, runs.json, report.md
     and plots to ``out``. ``overrides``: {method: {AIMConfig field: value}}; ``sizes``:
     examples per task in (train, test, novel)."""
@@ -77,24 +77,47 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     cons = []
+    jobs_list = []
     for seed in seeds:
         bench = data.make_benchmark(seed, *sizes, skills=tuple(skills))
         model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress)
-        cons.append(contribution.contributions(model, bench, list(skills)))
+        cons.append(contribution.contributions(model, bench, list(skills)))   # also fills the cache
         del model
         for o in task_orders(seed, orders, order, skills=tuple(skills), rc=rc, bench=bench):
-            for m in methods:
-                r = run_method(m, bench, o, seed, rc, (overrides or {}).get(m))
+            jobs_list += [(m, seed, o) for m in methods]
+
+    def show(m, seed, o, r):
+        print(f"{m:>12} seed {seed} order {'/'.join(s[:3] for s in o)}: AP {r['ap']:.1f} "
+              f"AF {r['af']:.1f} novel {r['novel']:.1f} ({r['seconds']:.0f} s, masked_step "
+              f"{100 * r['step_overhead']:.1f}% of the step)", flush=True)
+
+    if jobs > 1:
+        import concurrent.futures as cf
+        import dataclasses
+        import multiprocessing as mp
+        wrc = dataclasses.replace(rc, progress=False)
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(_job, m, seed, o, wrc, (overrides or {}).get(m), tuple(skills), sizes)
+                    for m, seed, o in jobs_list]
+            for (m, seed, o), f in zip(jobs_list, futs):
+                r = f.result()
                 runs[m].append(r)
-                print(f"{m:>12} seed {seed} order {'/'.join(s[:3] for s in o)}: AP {r['ap']:.1f} "
-                      f"AF {r['af']:.1f} novel {r['novel']:.1f} ({r['seconds']:.0f} s, masked_step "
-                      f"{100 * r['step_overhead']:.1f}% of the step)", flush=True)
+                show(m, seed, o, r)
+    else:
+        benches = {}
+        for m, seed, o in jobs_list:
+            if seed not in benches:
+                benches = {seed: data.make_benchmark(seed, *sizes, skills=tuple(skills))}
+            r = run_method(m, benches[seed], o, seed, rc, (overrides or {}).get(m))
+            runs[m].append(r)
+            show(m, seed, o, r)
     summary = {
         "preset": preset, "device": device_name(),
         "config": {"seeds": list(seeds), "orders": orders, "order": order, "steps_per_task": rc.steps,
                    "batch": rc.batch, "lr": rc.lr, "model": vars(rc.spec) if not hasattr(rc.spec, "__dataclass_fields__")
                    else {k: getattr(rc.spec, k) for k in rc.spec.__dataclass_fields__},
                    "checkpoint": rc.checkpoint, "skills": list(skills), "overrides": overrides or {},
+                   "presets": {m: _preset_values(m) for m in methods if m != "joint"},
                    "held_out": {k: list(v) for k, v in data.HELD_OUT.items()}},
         "methods": {m: aggregate(runs[m]) for m in methods if m != "joint"},
     }
@@ -114,8 +137,28 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     return summary
 
 
+def _preset_values(method: str) -> dict:
+    """The preset's non-default fields and per-role (rho, kappa, lambda), for the record."""
+    import dataclasses
+
+    import aim_kernels as ak
+    cfg, base = ak.preset(method), ak.AIMConfig()
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+           if f.name not in ("role_values", "state_dtype", "groups")
+           and getattr(cfg, f.name) != getattr(base, f.name)}
+    out["roles"] = {r: [v.mask_ratio, v.keep, v.lam] for r, v in cfg.role_values.items()}
+    return out
+
+
+def _job(method, seed, order, rc, overrides, skills, sizes):
+    """One run in a worker process (``--jobs``): one torch thread each."""
+    torch.set_num_threads(1)
+    bench = data.make_benchmark(seed, *sizes, skills=skills)
+    return run_method(method, bench, order, seed, rc, overrides)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=200, help="training steps per task")
+    p.add_argument("--steps", type=int, default=RunConfig.steps, help="training steps per task")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--orders", type=int, default=1, help="number of task orders per seed")
@@ -126,6 +169,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="cache folder of the pre-trained models "
                                                  "(default ~/.cache/aim_kernels/continual)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--pretrain-steps", type=int, default=ModelSpec.pretrain_steps)
 
@@ -154,7 +198,8 @@ def compare_main(argv=None) -> dict:
     if bad:
         p.error(f"unknown method {bad[0]!r}; choose from {ALL}")
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else PRESETS[args.preset]["seeds"]
-    summary = compare(methods, seeds, args.out, _rc(args), args.orders, args.order, args.preset)
+    summary = compare(methods, seeds, args.out, _rc(args), args.orders, args.order, args.preset,
+                      jobs=args.jobs)
     print((Path(args.out) / "report.md").read_text())
     return summary
 

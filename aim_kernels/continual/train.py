@@ -23,7 +23,7 @@ ALL = METHODS + ("joint",)
 
 @dataclass
 class RunConfig:
-    steps: int = 200            # per task
+    steps: int = 300            # per task
     batch: int = 32
     lr: float = 2e-3
     drift_every: int = 10       # record per-group stats every this many steps
