@@ -113,7 +113,7 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
             show(m, seed, o, r)
     summary = {
         "preset": preset, "device": device_name(),
-        "config": {"seeds": list(seeds), "orders": orders, "order": order, "steps_per_task": rc.steps,
+        "config": {"seeds": list(seeds), "orders": orders, "order": order, "steps_per_task": rc.steps, "joint_factor": rc.joint_factor,
                    "batch": rc.batch, "lr": rc.lr, "model": vars(rc.spec) if not hasattr(rc.spec, "__dataclass_fields__")
                    else {k: getattr(rc.spec, k) for k in rc.spec.__dataclass_fields__},
                    "checkpoint": rc.checkpoint, "skills": list(skills), "overrides": overrides or {},
@@ -169,6 +169,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="cache folder of the pre-trained models "
                                                  "(default ~/.cache/aim_kernels/continual)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
+    p.add_argument("--joint-factor", type=float, default=RunConfig.joint_factor,
+                   help="joint trains this many times the sequential total of steps")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--pretrain-steps", type=int, default=ModelSpec.pretrain_steps)
@@ -177,6 +179,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _rc(args) -> RunConfig:
     torch.set_num_threads(args.threads)
     return RunConfig(steps=args.steps, batch=args.batch, lr=args.lr, progress=not args.no_progress,
+                     joint_factor=args.joint_factor,
                      checkpoint=args.checkpoint, cache=args.cache,
                      spec=ModelSpec(pretrain_steps=args.pretrain_steps))
 

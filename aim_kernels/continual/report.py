@@ -29,7 +29,8 @@ def write_report(summary: dict, runs: dict, out: Path) -> None:
     cfg = summary["config"]
     lines = [f"# Continual-VQA comparison ({summary['preset']})", "",
              f"Device: {summary['device']}. Seeds {cfg['seeds']}, {cfg['orders']} task order(s) per "
-             f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task, batch {cfg['batch']}, "
+             f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task (joint: "
+             f"{cfg.get('joint_factor', 1):g} x the sequential total), batch {cfg['batch']}, "
              f"AdamW lr {cfg['lr']}. Percent, mean ± std over seeds x orders. "
              f"Wall time {summary.get('wall_seconds', 0):.0f} s.", "",
              table(summary), "",
