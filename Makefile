@@ -1,5 +1,5 @@
 # The two commands of the README, each doing all of its set-up on a fresh machine.
-#   make demo   -- train a tiny LLaVA on two synthetic tasks with preset("aim")
+#   make demo   -- the quick continual-VQA comparison of every method (one seed)
 #   make test   -- the test suite
 PYTHON ?= python3
 VENV   ?= .venv
