@@ -144,17 +144,23 @@ def check_stats(got: torch.Tensor, ref: torch.Tensor, ref32: torch.Tensor, dtype
 
 # --------------------------------------------------------------------------- fused_step
 
-@pytest.mark.parametrize("backend,case", params(C.step_cases))
-def test_fused_step(backend, case):
-    dev = require(backend)
-    t = C.make_tensors(case)
-
+def expected_step(case, t: dict):
+    """The reference's step on copies of ``t`` in their own dtypes and in fp32:
+    ``(tensors, stats, fp32 tensors, fp32 stats)``."""
     ref = C.clone(t)
     args, kw = C.step_args(case, ref)
     ref_stats = reference.fused_step(*args, **kw)
     ref32 = upcast(t)
     args, kw = C.step_args(case, ref32)
-    ref32_stats = reference.fused_step(*args, **kw)
+    return ref, ref_stats, ref32, reference.fused_step(*args, **kw)
+
+
+@pytest.mark.parametrize("backend,case", params(C.step_cases))
+def test_fused_step(backend, case):
+    dev = require(backend)
+    t = C.make_tensors(case)
+
+    ref, ref_stats, ref32, ref32_stats = expected_step(case, t)
 
     got = to(t, dev)
     args, kw = C.step_args(case, got)

@@ -31,7 +31,7 @@ import aim_kernels.ops as ops
 from aim_kernels.ops import backends as B
 from aim_kernels.ops import reference
 from tests import cases as C
-from tests.test_backends import check_output, check_stats, upcast
+from tests.test_backends import check_output, check_stats, expected_step, upcast
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -113,12 +113,7 @@ sizes_st = st.lists(st.integers(0, 70), min_size=1, max_size=6)
 
 def _step_against_reference(case):
     t = C.make_tensors(case)
-    ref = C.clone(t)
-    args, kw = C.step_args(case, ref)
-    ref_stats = reference.fused_step(*args, **kw)
-    ref32 = upcast(t)
-    args, kw = C.step_args(case, ref32)
-    ref32_stats = reference.fused_step(*args, **kw)
+    ref, ref_stats, ref32, ref32_stats = expected_step(case, t)
     got = C.clone(t)
     args, kw = C.step_args(case, got)
     stats = ops.fused_step(*args, **kw, backend="triton")
@@ -516,12 +511,7 @@ def test_triton_large_multiblock_against_reference(dtype):
     case = C.Case("step", "n1", dtype=dtype, mask="mixed", nonfinite=True, seed=9,
                   custom_sizes=(1_000_003, 7, 0, 1_500_000, 499_990))
     t = C.make_tensors(case)
-    ref = C.clone(t)
-    args, kw = C.step_args(case, ref)
-    ref_stats = reference.fused_step(*args, **kw)
-    ref32 = upcast(t)
-    args, kw = C.step_args(case, ref32)
-    ref32_stats = reference.fused_step(*args, **kw)
+    ref, ref_stats, ref32, ref32_stats = expected_step(case, t)
     got = {k: v.cuda() for k, v in t.items()}
     args, kw = C.step_args(case, got)
     stats = ops.fused_step(*args, **kw, backend="triton").cpu()
