@@ -125,7 +125,7 @@ def pretrain(model, spec: ModelSpec, seed: int, progress: bool = False) -> dict:
         acc = 0.9 * acc + 0.1 * correct if step else correct
         qa = 0.9 * qa + 0.1 * right if step else right
         if progress:
-            it.set_postfix(loss=f"{loss.item():.3f}", attr=f"{100 * acc:.0f}%", describe=f"{100 * qa:.0f}%")
+            it.set_postfix(loss=f"{loss.item():.3f}", attr=f"{100 * acc:.0f}%", describe=f"{100 * qa:.0f}%", refresh=False)
     return {"attr_acc": acc, "describe_acc": qa}
 
 

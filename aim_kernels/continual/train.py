@@ -102,7 +102,7 @@ def _train(model, batches, steps: int, lr: float, desc: str, progress: bool, log
             acc = float((logits.detach().argmax(-1) == answers).float().mean())
             run_loss = loss.item() if run_loss is None else 0.9 * run_loss + 0.1 * loss.item()
             run_acc = acc if run_acc is None else 0.9 * run_acc + 0.1 * acc
-            bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{100 * run_acc:.0f}%")
+            bar.set_postfix(loss=f"{run_loss:.3f}", acc=f"{100 * run_acc:.0f}%", refresh=False)
     return step_t, masked_t
 
 
