@@ -28,6 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import aim_kernels as ak
 from aim_kernels.ops import reference
 from aim_kernels.ops import backends as B
 from tests import cases as C
@@ -382,17 +383,26 @@ def test_opcheck_registrations():
                           (torch.randn(10), torch.randn(10), t["offsets"], 0.5, "zero"))
 
 
-def _train_step(w, grad, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam):
+def _train_step(w, grad, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+                fused=native.fused_step):
     """One SGD step with the regulariser: the fused op on the grads, then the update."""
-    stats = native.fused_step(grad, w, anchor, importance, fisher, offsets, inv_scale, thresh,
-                              keep, lam, beta=0.9, accumulate="ema", importance_kind="fisher",
-                              directional=True)
+    stats = fused(grad, w, anchor, importance, fisher, offsets, inv_scale, thresh,
+                  keep, lam, beta=0.9, accumulate="ema", importance_kind="fisher",
+                  directional=True)
     w.sub_(0.1 * grad)
     return stats.sum(0), (w * w).sum()
 
 
+def _public_cpu_fused_step(*args, **kw):
+    return ak.ops.fused_step(*args, **kw, backend="cpu")
+
+
+@pytest.mark.parametrize("fused", [native.fused_step, _public_cpu_fused_step],
+                         ids=["native", "public"])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_traces_a_training_step(compile_backend):
+def test_torch_compile_traces_a_training_step(compile_backend, fused):
+    """The op itself, and the validated public ``ak.ops.fused_step`` (backend chosen at
+    trace time, offsets checked by value in eager mode only), trace without a break."""
     torch._dynamo.reset()
     t = _step_tensors(n=64)
     model = torch.nn.Linear(8, 8, bias=False)
@@ -406,11 +416,11 @@ def test_torch_compile_traces_a_training_step(compile_backend):
     eager_w = model.weight.detach().reshape(-1).clone()
     want = _train_step(eager_w, *(eager[k] for k in ("grad", "anchor", "importance", "fisher",
                                                      "offsets", "inv_scale", "thresh", "keep",
-                                                     "lam")))
+                                                     "lam")), fused=fused)
     step = torch.compile(_train_step, fullgraph=True, backend=compile_backend)
     w = model.weight.detach().reshape(-1).clone()
     got = step(w, grad, *(t[k] for k in ("anchor", "importance", "fisher", "offsets", "inv_scale",
-                                         "thresh", "keep", "lam")))
+                                         "thresh", "keep", "lam")), fused=fused)
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
     assert torch.equal(w, eager_w) and torch.equal(grad, eager["grad"])

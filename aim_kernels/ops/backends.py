@@ -81,7 +81,26 @@ def _runs_on(name: str, device: torch.device) -> bool:
 
 
 def resolve(backend: str, device: torch.device, op: str) -> ModuleType:
-    """The module that runs ``op`` for tensors on ``device``."""
+    """The module that runs ``op`` for tensors on ``device``.
+
+    Under ``torch.compile`` the choice is made once, when tracing, and kept as a constant
+    (probing imports modules, which dynamo does not trace): the graph then holds the
+    chosen backend's op (``torch.ops.aim_kernels.*`` for the compiled module).
+    """
+    return _CHOSEN[_choose_name(backend, device.type, op)]
+
+
+_CHOSEN: dict[str, ModuleType] = {}
+
+
+@torch.compiler.assume_constant_result
+def _choose_name(backend: str, device_type: str, op: str) -> str:
+    name, module = _choose(backend, torch.device(device_type), op)
+    _CHOSEN[name] = module
+    return name
+
+
+def _choose(backend: str, device: torch.device, op: str) -> tuple[str, ModuleType]:
     if backend not in CHOICES:
         raise ValueError(f"{op}: backend must be one of {CHOICES}, got {backend!r}")
     if backend == "auto":
@@ -89,12 +108,12 @@ def resolve(backend: str, device: torch.device, op: str) -> ModuleType:
         order = ("cpu", "torch") if device.type == "cpu" else ("cuda", "triton", "torch")
         for name in order:
             if _runs_on(name, device) and not unavailable_reason(name):
-                return _probe(name)[0]
-        return _probe("torch")[0]
+                return name, _probe(name)[0]
+        return "torch", _probe("torch")[0]
     why = unavailable_reason(backend)
     if why:
         raise BackendUnavailable(f"{op}: backend {backend!r} is not available: {why}")
     if not _runs_on(backend, device):
         raise BackendUnavailable(
             f"{op}: backend {backend!r} cannot run on tensors on device {device}")
-    return _probe(backend)[0]
+    return backend, _probe(backend)[0]
