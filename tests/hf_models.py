@@ -11,6 +11,7 @@ from aim_kernels.continual.tiny import tiny_llava
 
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
              num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+_QWEN_TEXT = dict(_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]})
 _QWEN_VISION = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, intermediate_size=64,
                     out_hidden_size=32, patch_size=4, spatial_merge_size=2, temporal_patch_size=1)
 _BLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -29,20 +30,15 @@ def llava():
 def qwen2_vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     torch.manual_seed(0)
-    vision = dict(_QWEN_VISION, embed_dim=32, hidden_size=32)
-    vision.pop("out_hidden_size")
-    cfg = Qwen2VLConfig(text_config=dict(_TEXT, rope_scaling={"type": "mrope",
-                                                              "mrope_section": [2, 2, 4]}),
-                        vision_config=vision)
+    vision = {k: v for k, v in _QWEN_VISION.items() if k != "out_hidden_size"}  # Qwen2.5 only
+    cfg = Qwen2VLConfig(text_config=_QWEN_TEXT, vision_config=vision)
     return Qwen2VLForConditionalGeneration(cfg)
 
 
 def qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
-    cfg = Qwen2_5_VLConfig(text_config=dict(_TEXT, rope_scaling={"type": "mrope",
-                                                                 "mrope_section": [2, 2, 4]}),
-                           vision_config=_QWEN_VISION)
+    cfg = Qwen2_5_VLConfig(text_config=_QWEN_TEXT, vision_config=_QWEN_VISION)
     return Qwen2_5_VLForConditionalGeneration(cfg)
 
 

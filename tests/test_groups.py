@@ -3,6 +3,7 @@ frozen parts, and the errors of group assignment."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -11,6 +12,16 @@ import aim_kernels as ak
 from aim_kernels.groups import detect_layout
 
 from .hf_models import BUILDERS, EXPECTED
+
+
+@contextmanager
+def attached(model, config):
+    """The model's AIMState for the ``with`` block; detached after it, pass or fail."""
+    state = ak.attach(model, config)
+    try:
+        yield state
+    finally:
+        ak.detach(model)
 
 
 def _trainable(model):
@@ -34,8 +45,7 @@ def test_layout_detected_and_roles_land_right(built):
     key, model = built
     layout, probes = EXPECTED[key]
     assert detect_layout(model).name == layout
-    state = ak.attach(model, ak.preset("aim"))
-    try:
+    with attached(model, ak.preset("aim")) as state:
         assert list(state.groups) == ["vision", "projector", "language"]
         _check_partition(state, model)
         for role, probe in probes.items():
@@ -43,35 +53,27 @@ def test_layout_detected_and_roles_land_right(built):
             assert hits, f"{key}: no parameter named like {probe!r}"
             for n in hits:
                 assert n in state.groups[role], f"{key}: {n} should be in {role}"
-    finally:
-        ak.detach(model)
 
 
 @pytest.mark.parametrize("key", ["qwen2-vl", "qwen2.5-vl"])
 def test_qwen_merger_is_the_projector_not_vision(key):
     model = BUILDERS[key]()
-    state = ak.attach(model, ak.preset("aim"))
-    try:
+    with attached(model, ak.preset("aim")) as state:
         assert state.groups["projector"]
         assert all(".visual.merger." in "." + n for n in state.groups["projector"])
         assert not any("merger" in n for n in state.groups["vision"])
         assert all("visual." in n for n in state.groups["vision"])
-    finally:
-        ak.detach(model)
 
 
 @pytest.mark.parametrize("key", ["blip-2", "instructblip"])
 def test_blip_projector_holds_qformer_queries_and_projection(key):
     model = BUILDERS[key]()
-    state = ak.attach(model, ak.preset("aim"))
-    try:
+    with attached(model, ak.preset("aim")) as state:
         proj = state.groups["projector"]
         assert "query_tokens" in proj
         assert any(n.startswith("qformer.") for n in proj)
         assert any(n.startswith("language_projection.") for n in proj)
         assert all(re.match(r"(qformer\.|query_tokens$|language_projection\.)", n) for n in proj)
-    finally:
-        ak.detach(model)
 
 
 def test_frozen_vision_tower_gives_an_empty_group_and_steps():
@@ -79,8 +81,7 @@ def test_frozen_vision_tower_gives_an_empty_group_and_steps():
     for name, p in model.named_parameters():
         if "vision_tower" in name:
             p.requires_grad_(False)
-    state = ak.attach(model, ak.preset("aim"))
-    try:
+    with attached(model, ak.preset("aim")) as state:
         assert state.groups["vision"] == []
         _check_partition(state, model)
         for p in model.parameters():
@@ -90,8 +91,6 @@ def test_frozen_vision_tower_gives_an_empty_group_and_steps():
         assert stats["vision"]["grad_sq"] == 0.0
         assert stats["projector"]["grad_sq"] > 0
         ak.consolidate(model)
-    finally:
-        ak.detach(model)
 
 
 @pytest.mark.parametrize("key", ["llava", "qwen2-vl", "blip-2"])
@@ -107,8 +106,7 @@ def test_peft_lora_wrapped_model(key):
     names = _trainable(wrapped)
     assert all(n.startswith("base_model.model.") for n in names)
     assert detect_layout(wrapped).name == layout
-    state = ak.attach(wrapped, ak.preset("aim"))
-    try:
+    with attached(wrapped, ak.preset("aim")) as state:
         _check_partition(state, wrapped)
         lora = [n for n in names if "lora_" in n]
         assert lora and set(lora) <= set(state.groups["language"])
@@ -119,8 +117,6 @@ def test_peft_lora_wrapped_model(key):
             if p.requires_grad:
                 p.grad = torch.randn_like(p)
         ak.masked_step(wrapped)
-    finally:
-        ak.detach(wrapped)
 
 
 def test_unclaimed_trainable_parameter_is_named():
@@ -143,22 +139,16 @@ def test_user_pattern_matching_only_frozen_parameters_is_kept_empty():
     model = BUILDERS["generic"]()
     model.image_encoder.requires_grad_(False)
     groups = {"vision": ak.GroupConfig(r"image_encoder\."), "rest": ak.GroupConfig(r".")}
-    state = ak.attach(model, ak.AIMConfig(groups=groups))
-    try:
+    with attached(model, ak.AIMConfig(groups=groups)) as state:
         assert state.groups["vision"] == []
         _check_partition(state, model)
-    finally:
-        ak.detach(model)
 
 
 def test_first_matching_group_wins():
     groups = {"first": ak.GroupConfig(r"connector\."), "all": ak.GroupConfig(r".")}
     model = BUILDERS["generic"]()
-    state = ak.attach(model, ak.AIMConfig(groups=groups))
-    try:
+    with attached(model, ak.AIMConfig(groups=groups)) as state:
         assert state.groups["first"] == ["connector.weight", "connector.bias"]
-    finally:
-        ak.detach(model)
 
 
 def test_unknown_layout_asks_for_explicit_groups():

@@ -106,6 +106,20 @@ def test_triton_availability_and_skip_reason(monkeypatch):
 
 # --------------------------------------------------------------------------- interpreter tier
 
+def thresholds_against_reference(t: dict, device: str = "cpu", normalize: bool = True):
+    """Triton's ``(inv_scale, thresh)`` on ``device`` against the reference's: thresh
+    exactly, inv_scale to rtol 1e-5. Returns Triton's thresh (on the host)."""
+    c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
+                                              normalize=normalize)
+    d = {k: t[k].to(device) for k in ("importance", "offsets", "mask_ratio")}
+    c_got, t_got = ops.group_thresholds(d["importance"], d["offsets"], d["mask_ratio"],
+                                        normalize=normalize, backend="triton")
+    c_got, t_got = c_got.cpu(), t_got.cpu()
+    assert torch.equal(t_got, t_ref), f"thresh is exact: {t_got.tolist()} != {t_ref.tolist()}"
+    torch.testing.assert_close(c_got, c_ref, rtol=1e-5, atol=0)
+    return t_got
+
+
 FUZZ = settings(max_examples=8, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 sizes_st = st.lists(st.integers(0, 70), min_size=1, max_size=6)
@@ -152,13 +166,7 @@ def test_triton_group_thresholds_fuzz(sizes, ratio, ratio_dtype, state_dtype, om
     case = C.Case("thresholds", "n1", state_dtype=state_dtype, omega=omega, normalize=normalize,
                   ratio_dtype=ratio_dtype, seed=seed, custom_sizes=tuple(sizes),
                   custom_ratio=tuple(ratio))
-    t = C.make_tensors(case)
-    c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
-                                              normalize=normalize)
-    c_got, t_got = ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
-                                        normalize=normalize, backend="triton")
-    assert torch.equal(t_got, t_ref), f"thresh is exact: {t_got.tolist()} != {t_ref.tolist()}"
-    torch.testing.assert_close(c_got, c_ref, rtol=1e-5, atol=0)
+    thresholds_against_reference(C.make_tensors(case), normalize=normalize)
 
 
 @interpreter
@@ -236,12 +244,7 @@ def test_triton_thresholds_without_histogram_masks(monkeypatch):
     monkeypatch.setattr(kernels(), "HIST_MASK", False)
     for shape, omega in (("g5_129", "ties"), ("empty_middle", "random")):
         case = C.Case("thresholds", shape, mask="mixed", omega=omega, seed=5)
-        t = C.make_tensors(case)
-        c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"])
-        c_got, t_got = ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
-                                            backend="triton")
-        assert torch.equal(t_got, t_ref)
-        torch.testing.assert_close(c_got, c_ref, rtol=1e-5, atol=0)
+        thresholds_against_reference(C.make_tensors(case))
 
 
 @interpreter
@@ -336,11 +339,7 @@ def test_triton_autotuned_path_with_a_fake_timer(monkeypatch, cap_log2):
     _step_against_reference(case)
     assert len(calls) == len(K._STEP_CONFIGS)
     t = C.make_tensors(case)
-    c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"])
-    c_got, t_got = ops.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"],
-                                        backend="triton")
-    assert torch.equal(t_got, t_ref)
-    torch.testing.assert_close(c_got, c_ref, rtol=1e-5, atol=0)
+    thresholds_against_reference(t)
     ref = C.clone(t)
     reference.consolidate_(ref["param"], ref["anchor"], ref["importance"], ref["fisher"],
                            fisher_scale=1.5, decay=0.5, merge="fisher", alpha=0.5)
@@ -518,9 +517,5 @@ def test_triton_large_multiblock_against_reference(dtype):
     check_output("grad", got["grad"].cpu(), ref["grad"], ref32["grad"])
     check_output("fisher", got["fisher"].cpu(), ref["fisher"], ref32["fisher"])
     check_stats(stats, ref_stats, ref32_stats, dtype)
-    c_ref, t_ref = reference.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"])
-    c_got, t_got = ops.group_thresholds(got["importance"], got["offsets"], got["mask_ratio"],
-                                        backend="triton")
-    assert torch.equal(t_got.cpu(), t_ref)
-    torch.testing.assert_close(c_got.cpu(), c_ref, rtol=1e-5, atol=0)
+    t_got = thresholds_against_reference(t, device="cuda")
     assert math.isinf(float(t_got[2]))
