@@ -519,3 +519,53 @@ def test_triton_large_multiblock_against_reference(dtype):
     check_stats(stats, ref_stats, ref32_stats, dtype)
     t_got = thresholds_against_reference(t, device="cuda")
     assert math.isinf(float(t_got[2]))
+
+
+# --------------------------------------------------------------------------- malformed offsets
+
+@interpreter
+def test_triton_malformed_offsets_stay_in_bounds():
+    """offsets[G] < n (checked by value on the host for CPU tensors only, so a GPU tensor
+    can reach the kernels with it): the elements past offsets[G] are left untouched, and
+    nothing past the per-group tables is read or written (row G of the stats workspace,
+    a poisoned m_g and inv_scale at index G)."""
+    tk = kernels()
+    gen = torch.Generator().manual_seed(5)
+    n, G, cover = 300, 2, 200
+    offsets = torch.tensor([0, 90, cover])
+    grad, param, anchor = (torch.randn(n, generator=gen) for _ in range(3))
+    importance, fisher = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    table = lambda v: torch.tensor([v, v, float("nan")])[:G]   # noqa: E731 (poison at G)
+    inv_scale, thresh, keep, lam = table(1.0), table(0.5), table(0.0), table(2.0)
+    guard = 12345.0
+    ws = torch.full(((G + 2) * 7,), guard, dtype=torch.float64)
+    ws[:G * 7] = 0
+    g0, f0 = grad.clone(), fisher.clone()
+    tk._launch("step", n, (grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
+                           keep, lam, ws[:G * 7], n, G, 0.9, 0.1),
+               EMA=True, FISHER=True, DIRECTIONAL=True, STEPS=tk._steps(G))
+    assert torch.equal(ws[G * 7:], torch.full(((2) * 7,), guard, dtype=torch.float64)), \
+        "stats written past row G-1"
+    assert torch.equal(grad[cover:], g0[cover:]) and torch.equal(fisher[cover:], f0[cover:])
+    ref_g, ref_f = g0[:cover].clone(), f0[:cover].clone()
+    ref_stats = reference.fused_step(ref_g, param[:cover], anchor[:cover], importance[:cover],
+                                     ref_f, offsets, inv_scale, thresh, keep, lam, beta=0.9)
+    torch.testing.assert_close(grad[:cover], ref_g)
+    torch.testing.assert_close(ws[:G * 7].view(G, 7).float(), ref_stats, rtol=1e-5, atol=1e-5)
+
+    # select: the large values past offsets[G] must not count
+    big = importance.clone()
+    big[cover:] = 100.0
+    ratio = torch.tensor([0.3, 0.5], dtype=torch.float64)
+    c, t = tk.group_thresholds(big, offsets, ratio)
+    c_ref, t_ref = reference.group_thresholds(big[:cover], offsets, ratio)
+    assert torch.equal(t, t_ref)
+    torch.testing.assert_close(c, c_ref)
+
+    # align: m_g poisoned to 0 at index G would reset every element past offsets[G]
+    p = param.clone()
+    a = torch.where(p > 0, -1.0, 1.0)             # every element conflicts in sign
+    m_full = torch.tensor([0.5, 0.5, 0.0])
+    tk.align_apply_(p, a, offsets, m_full[:G])
+    assert torch.equal(p[cover:], param[cover:]), "an element past offsets[G] was reset"
+    assert torch.equal(p[:cover], a[:cover])

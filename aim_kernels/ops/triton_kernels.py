@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import backends as _backends
 
-__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_"]
+__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "align_apply_"]
 
 NUM_STATS = 7
 RADIX_BITS = tl.constexpr(8)
@@ -98,6 +98,15 @@ def _group_of(idx, offsets_ptr, G, STEPS: tl.constexpr):
         lo = tl.where(active & right, mid + 1, lo)
         hi = tl.where(active & (end > idx), mid, hi)
     return lo
+
+
+@triton.jit
+def _covered(N, offsets_ptr, G):
+    """``min(N, offsets[G])``, at least 0: the elements the groups cover. Offsets are
+    checked by value on the host only for CPU tensors; with malformed ones
+    (``offsets[G] < N``) the elements past ``offsets[G]`` are left untouched instead of
+    being given group ``G`` (a row past every per-group table)."""
+    return tl.maximum(tl.minimum(tl.load(offsets_ptr + G), N), 0)
 
 
 @triton.jit
@@ -242,32 +251,34 @@ def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, off
                        EMA: tl.constexpr, FISHER: tl.constexpr, DIRECTIONAL: tl.constexpr,
                        STEPS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * (BLOCK * TILES)
-    full = start + BLOCK * TILES <= N
-    last = tl.minimum(start + BLOCK * TILES, N) - 1
-    g_first = _group_of(start, offsets_ptr, G, STEPS)
-    g_last = _group_of(last, offsets_ptr, G, STEPS)
-    if g_first == g_last:
-        if full:
-            _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                                  fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
-                                  False, BLOCK, TILES)
+    N = _covered(N, offsets_ptr, G)
+    if start < N:                  # (a program past offsets[G] has nothing to do)
+        full = start + BLOCK * TILES <= N
+        last = tl.minimum(start + BLOCK * TILES, N) - 1
+        g_first = _group_of(start, offsets_ptr, G, STEPS)
+        g_last = _group_of(last, offsets_ptr, G, STEPS)
+        if g_first == g_last:
+            if full:
+                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+                                      fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                                      ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
+                                      False, BLOCK, TILES)
+            else:
+                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
+                                      fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                                      ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
+                                      True, BLOCK, TILES)
         else:
-            _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                                  fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
-                                  True, BLOCK, TILES)
-    else:
-        if full:
-            _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
-                              imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                              ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, False,
-                              STEPS, BLOCK, TILES)
-        else:
-            _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
-                              imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                              ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, True,
-                              STEPS, BLOCK, TILES)
+            if full:
+                _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
+                                  imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, False,
+                                  STEPS, BLOCK, TILES)
+            else:
+                _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
+                                  imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, True,
+                                  STEPS, BLOCK, TILES)
 
 
 # --------------------------------------------------------------------------- radix select
@@ -284,60 +295,62 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
     ``(group - window start) * 256 + digit`` and one vector atomic of ``GW * 256`` int64
     counters per (program, window) -- a block inside one group is one window."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    g_first = _group_of(start, offsets_ptr, G, STEPS)
-    g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
-    # a block inside one group that has nothing to select (k = 0, or done) reads nothing:
-    # with mask_ratio 0 (most presets) three of the four passes cost no data traffic
-    if FIRST:
-        n_first = tl.load(offsets_ptr + g_first + 1) - tl.load(offsets_ptr + g_first)
-        k_first = tl.floor(tl.load(ratio_ptr + g_first).to(tl.float64) * n_first.to(tl.float64))
-        live = (g_first != g_last) | (k_first >= 1.0)
-        if SUM:
-            live = g_first >= 0
-    else:
-        live = (g_first != g_last) | (tl.load(rem_ptr + g_first) > 0)
-    if live:
-        idx = start + tl.arange(0, BLOCK)
-        m = idx < N
-        if start + BLOCK <= N:
-            x = tl.load(x_ptr + idx).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        digit = (bits >> SHIFT) & (BINS - 1)
-        if g_first == g_last:
-            gid = idx * 0 + g_first
-        else:
-            gid = _group_of(idx, offsets_ptr, G, STEPS)
-        gid = tl.where(m, gid, 0)
-        if FIRST:        # groups with k = floor(ratio * n) >= 1
-            n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
-            k = tl.floor(tl.load(ratio_ptr + gid).to(tl.float64) * n.to(tl.float64))
-            keep = m & (k >= 1.0)
-        else:            # groups still selecting, elements matching their prefix
-            rem = tl.load(rem_ptr + gid)
-            prefix = tl.load(prefix_ptr + gid).to(tl.int32)
-            keep = m & (rem > 0) & ((bits >> (SHIFT + RADIX_BITS))
-                                    == (prefix >> (SHIFT + RADIX_BITS)))
-        slots = tl.arange(0, GW * BINS)
-        cols = tl.arange(0, GW)
-        for w in range(g_first, g_last + 1, GW):
-            local = gid - w
-            inwin = (local >= 0) & (local < GW)
-            key = tl.where(inwin, local, 0).to(tl.int32) * BINS + digit
-            if HIST_MASK:
-                h = tl.histogram(key, GW * BINS, mask=keep & inwin)
-            else:        # (older Triton: excluded lanes counted in slot 0, then subtracted)
-                sel = keep & inwin
-                h = tl.histogram(tl.where(sel, key, 0), GW * BINS)
-                h = h - tl.where(slots == 0, BLOCK - tl.sum(sel.to(tl.int32)), 0)
-            tl.atomic_add(hist_ptr + w * BINS + slots, h.to(tl.int64), mask=h > 0,
-                          sem="relaxed")
+    N = _covered(N, offsets_ptr, G)
+    if start < N:                  # (a program past offsets[G] has nothing to do)
+        g_first = _group_of(start, offsets_ptr, G, STEPS)
+        g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
+        # a block inside one group that has nothing to select (k = 0, or done) reads nothing:
+        # with mask_ratio 0 (most presets) three of the four passes cost no data traffic
+        if FIRST:
+            n_first = tl.load(offsets_ptr + g_first + 1) - tl.load(offsets_ptr + g_first)
+            k_first = tl.floor(tl.load(ratio_ptr + g_first).to(tl.float64) * n_first.to(tl.float64))
+            live = (g_first != g_last) | (k_first >= 1.0)
             if SUM:
-                part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
-                                x.to(tl.float64)[:, None], 0.0)
-                tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0), mask=w + cols <= g_last,
+                live = g_first >= 0
+        else:
+            live = (g_first != g_last) | (tl.load(rem_ptr + g_first) > 0)
+        if live:
+            idx = start + tl.arange(0, BLOCK)
+            m = idx < N
+            if start + BLOCK <= N:
+                x = tl.load(x_ptr + idx).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            digit = (bits >> SHIFT) & (BINS - 1)
+            if g_first == g_last:
+                gid = idx * 0 + g_first
+            else:
+                gid = _group_of(idx, offsets_ptr, G, STEPS)
+            gid = tl.where(m, gid, 0)
+            if FIRST:        # groups with k = floor(ratio * n) >= 1
+                n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
+                k = tl.floor(tl.load(ratio_ptr + gid).to(tl.float64) * n.to(tl.float64))
+                keep = m & (k >= 1.0)
+            else:            # groups still selecting, elements matching their prefix
+                rem = tl.load(rem_ptr + gid)
+                prefix = tl.load(prefix_ptr + gid).to(tl.int32)
+                keep = m & (rem > 0) & ((bits >> (SHIFT + RADIX_BITS))
+                                        == (prefix >> (SHIFT + RADIX_BITS)))
+            slots = tl.arange(0, GW * BINS)
+            cols = tl.arange(0, GW)
+            for w in range(g_first, g_last + 1, GW):
+                local = gid - w
+                inwin = (local >= 0) & (local < GW)
+                key = tl.where(inwin, local, 0).to(tl.int32) * BINS + digit
+                if HIST_MASK:
+                    h = tl.histogram(key, GW * BINS, mask=keep & inwin)
+                else:        # (older Triton: excluded lanes counted in slot 0, then subtracted)
+                    sel = keep & inwin
+                    h = tl.histogram(tl.where(sel, key, 0), GW * BINS)
+                    h = h - tl.where(slots == 0, BLOCK - tl.sum(sel.to(tl.int32)), 0)
+                tl.atomic_add(hist_ptr + w * BINS + slots, h.to(tl.int64), mask=h > 0,
                               sem="relaxed")
+                if SUM:
+                    part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
+                                    x.to(tl.float64)[:, None], 0.0)
+                    tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0), mask=w + cols <= g_last,
+                                  sem="relaxed")
 
 
 @triton.jit
@@ -444,15 +457,12 @@ def _consolidate_kernel(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, N, fisher_sc
 
 
 @triton.jit
-def _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, m, G, ZERO: tl.constexpr,
-                MASKED: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    gid = _group_of(idx, offsets_ptr, G, STEPS)
+def _align_tile(param_ptr, anchor_ptr, idx, m, bound, ZERO: tl.constexpr,
+                MASKED: tl.constexpr, BLOCK: tl.constexpr):
     if MASKED:
-        bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
         t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
         a_raw = tl.load(anchor_ptr + idx, mask=m, other=0.0)
     else:
-        bound = tl.load(mag_ptr + gid)
         t_raw = tl.load(param_ptr + idx)
         a_raw = tl.load(anchor_ptr + idx)
     a = a_raw.to(tl.float32)
@@ -471,15 +481,25 @@ def _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, m, G, ZERO: tl
 @triton.jit
 def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, tune_bucket,
                   ZERO: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``)."""
+    """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``).
+    A block inside one group (the common case) loads its m_g once; only a block across
+    a group end searches the group of each element."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    idx = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= N:
-        _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, idx < N, G, ZERO, False,
-                    STEPS, BLOCK)
-    else:
-        _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, idx < N, G, ZERO, True,
-                    STEPS, BLOCK)
+    N = _covered(N, offsets_ptr, G)
+    if start < N:                  # (a program past offsets[G] has nothing to do)
+        idx = start + tl.arange(0, BLOCK)
+        m = idx < N
+        g_first = _group_of(start, offsets_ptr, G, STEPS)
+        g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
+        if g_first == g_last:
+            bound = tl.load(mag_ptr + g_first)
+        else:
+            gid = _group_of(idx, offsets_ptr, G, STEPS)
+            bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
+        if start + BLOCK <= N:
+            _align_tile(param_ptr, anchor_ptr, idx, m, bound, ZERO, False, BLOCK)
+        else:
+            _align_tile(param_ptr, anchor_ptr, idx, m, bound, ZERO, True, BLOCK)
 
 
 # --------------------------------------------------------------------------- launching
@@ -715,5 +735,15 @@ def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
                            device=param.device)
         _, bound = _select(anchor, offsets, ratio, with_sum=False)
         _launch("align", n, (param, anchor, offsets, bound, n, num_groups),
+                ZERO=mode == "zero", STEPS=_steps(num_groups))
+
+
+def align_apply_(param, anchor, offsets, m_g, *, mode="anchor") -> None:
+    """DESIGN.md 2.3 given ``m_g`` (fp32 ``[G]``): one elementwise launch, no select."""
+    n, num_groups = param.numel(), offsets.numel() - 1
+    if not n or num_groups <= 0:
+        return
+    with _on_device(param):
+        _launch("align", n, (param, anchor, offsets, m_g, n, num_groups),
                 ZERO=mode == "zero", STEPS=_steps(num_groups))
 
