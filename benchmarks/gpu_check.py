@@ -377,7 +377,8 @@ def main(argv=None) -> int:
     else:
         device = re.sub(r"[^A-Za-z0-9]+", "-", str(env.get("device", "unknown"))).strip("-")
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-        out = ROOT / "benchmarks" / "results" / f"gpu-check-{device}-{stamp}.json"
+        mode = "-dry" if args.dry else ""
+        out = ROOT / "benchmarks" / "results" / f"gpu-check{mode}-{device}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(summary(result))
