@@ -33,12 +33,14 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .benchmarks
 
-# make wheel CUDA=13.0 | CUDA=13.2 | CUDA=cpu  -> dist/aim_kernels-<v>+cu130|+cu132|+cpu-*.whl
+# make wheel CUDA=12.4 | CUDA=13.0 | CUDA=13.2 | CUDA=cpu  -> dist/aim_kernels-<v>+cu124|+cu130|+cu132|+cpu-*manylinux*.whl
 # (a CUDA version without an nvcc here gets NVIDIA's compiler from PyPI in build/)
 CUDA ?= auto
 .PHONY: wheel
+# WHEEL_PYTHON=python3.12: the wheel for another interpreter (the GPU image's is 3.12)
+WHEEL_PYTHON ?=
 wheel: $(STAMP)
-	$(PY) python/build_wheel.py --cuda $(CUDA)
+	$(PY) python/build_wheel.py --cuda $(CUDA) $(if $(WHEEL_PYTHON),--python $(WHEEL_PYTHON))
 
 # On a GPU machine (no registry there): the image's python3, _C built in place if needed.
 # DRY=1: the same script on this machine's CPU at small sizes (tests/test_gpu_check.py

@@ -3,7 +3,7 @@
     python3 benchmarks/gpu_check.py          # on an H100/H200: < 8 min, full sizes
     python   benchmarks/gpu_check.py --dry    # here, on the CPU: small sizes, < 2 min
 
-Writes ``benchmarks/results/gpu-check-<device>-<date>.json`` (or ``--out``) with the same
+Writes ``benchmarks/results/gpu-check[-dry]-<device>-<date>.json`` (or ``--out``) with the same
 fields in both modes (so ``make test``, which runs the dry mode, keeps the script alive):
 
 * ``env``: device, driver, versions, commit, command, what ``_C`` was built with;
@@ -60,13 +60,31 @@ def _run(cmd, timeout, env=None) -> dict:
     return out
 
 
+def _wheel_for_this_python() -> Path | None:
+    """A CUDA wheel in dist/ (``make wheel CUDA=12.4``, carried over) for this interpreter."""
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    found = sorted((ROOT / "dist").glob(f"aim_kernels-*+cu*-{tag}-{tag}-*.whl"))
+    return found[-1] if found else None
+
+
 def ensure_native(dry: bool) -> dict:
-    """On a GPU machine without an importable CUDA build of ``_C``, build it in place for
-    the local GPU's architecture (about a minute on 16 cores)."""
+    """On a GPU machine without an importable CUDA build of ``_C``: take ``_C`` (and the
+    libraries auditwheel vendored beside it) from a carried wheel for this Python into the
+    tree, else build it in place for the local GPU's architecture (~1 min on 16 cores)."""
     probe = ("import aim_kernels.ops.native as n, sys; i = n.built_info(); "
              "sys.exit(0 if i.get('built') and i.get('cuda') else 3)")
-    if dry or subprocess.run([sys.executable, "-c", probe], cwd=ROOT).returncode == 0:
+    ok = lambda: subprocess.run([sys.executable, "-c", probe], cwd=ROOT).returncode == 0  # noqa: E731
+    if dry or ok():
         return {"built_here": False}
+    wheel = _wheel_for_this_python()
+    if wheel is not None:
+        import zipfile
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                if name.startswith(("aim_kernels/_C", "aim_kernels.libs/")):
+                    zf.extract(name, ROOT)
+        if ok():
+            return {"built_here": False, "wheel": wheel.name}
     import torch
     major, minor = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else (9, 0)
     env = dict(os.environ, AIM_CUDA_ARCHS=f"{major}{minor}", AIM_REQUIRE_NATIVE="1")

@@ -54,6 +54,17 @@ def toolchain(cuda: str) -> None:
             f"and run again")
 
 
+def build_python(python: str) -> str:
+    """A venv of interpreter ``python`` with what setup.py needs to build (no torch: _C
+    links no libtorch), under build/wheel-<name>; its python."""
+    venv = ROOT / "build" / f"wheel-{Path(python).name}"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "setuptools>=64",
+                        "wheel", "pybind11>=2.12", "ninja"], check=True)
+    return str(venv / "bin" / "python")
+
+
 def manylinux(wheel: Path, out: Path) -> Path:
     """The wheel retagged manylinux by auditwheel, which vendors what _C links outside the
     manylinux policy (libgomp; the CUDA runtime is static). The linux_x86_64 one is removed."""
@@ -91,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda", default="auto", help="auto | cpu | X.Y (default: auto)")
     ap.add_argument("--archs", default=None, help='AIM_CUDA_ARCHS, e.g. "80;86;89;90"')
     ap.add_argument("--out", default=str(ROOT / "dist"))
+    ap.add_argument("--python", default=None,
+                    help="build for another interpreter (e.g. python3.12, the GPU image's): "
+                         "a build venv build/wheel-<name> gets the build requirements")
     ap.add_argument("--no-repair", action="store_true",
                     help="keep the linux_x86_64 wheel (no auditwheel manylinux repair)")
     args = ap.parse_args(argv)
@@ -116,7 +130,8 @@ def main(argv=None) -> int:
     for stale in (ROOT / "build").glob("lib.*"):   # setuptools' staging of an earlier wheel
         shutil.rmtree(stale)
     before = set(out.glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    builder = build_python(args.python) if args.python else sys.executable
+    subprocess.run([builder, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(ROOT)], check=True, env=env)
     wheels = sorted(set(out.glob("*.whl")) - before) or sorted(
         out.glob("*.whl"), key=lambda p: p.stat().st_mtime)[-1:]

@@ -569,3 +569,57 @@ def test_triton_malformed_offsets_stay_in_bounds():
     tk.align_apply_(p, a, offsets, m_full[:G])
     assert torch.equal(p[cover:], param[cover:]), "an element past offsets[G] was reset"
     assert torch.equal(p[:cover], a[:cover])
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+@interpreter
+def test_triton_ops_are_registered_custom_ops():
+    t = kernels()
+    x = torch.rand(40)
+    off = torch.tensor([0, 15, 40])
+    per = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.3]), torch.zeros(2), torch.ones(2)]
+    tri = torch.ops.aim_kernels_triton
+    torch.library.opcheck(tri.fused_step.default,
+                          (torch.randn(40), torch.randn(40), torch.randn(40), x.clone(),
+                           x.clone(), off, *per, 0.9, "ema", "fisher", True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(tri.group_thresholds.default,
+                          (x, off, torch.tensor([0.5, 0.2], dtype=torch.float64), True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(tri.align_apply_.default,
+                          (torch.randn(40), torch.randn(40), off, torch.tensor([0.5, 0.1]),
+                           "zero"), test_utils=("test_schema", "test_faketensor"))
+    assert t.fused_step.__module__ == t.__name__
+
+
+def _triton_train_step(w, grad, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                       lam, m_g):
+    stats = ak.ops.fused_step(grad, w, anchor, importance, fisher, offsets, inv_scale, thresh,
+                              keep, lam, beta=0.9, backend="triton")
+    w.sub_(0.1 * grad)
+    ak.ops.align_apply_(w, anchor, offsets, m_g, backend="triton")
+    return stats.sum(0), (w * w).sum()
+
+
+@interpreter
+def test_triton_step_compiles_with_fullgraph():
+    """torch.compile(fullgraph=True) of a step whose ops run on the Triton backend: the
+    custom ops stay one node each (no graph break), results as in eager mode."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(4)
+    n = 96
+    off = torch.tensor([0, 30, n])
+    args = [torch.randn(n, generator=gen) for _ in range(3)] + \
+        [torch.rand(n, generator=gen) for _ in range(2)]
+    per = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.3]), torch.zeros(2), torch.ones(2),
+           torch.tensor([0.8, 1.5])]
+    w, grad, anchor, imp, fisher = args
+    eager = [a.clone() for a in args]
+    want = _triton_train_step(eager[0], eager[1], eager[2], eager[3], eager[4], off, *per)
+    step = torch.compile(_triton_train_step, fullgraph=True, backend="aot_eager")
+    got = step(w, grad, anchor, imp, fisher, off, *per)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
+    assert torch.equal(w, eager[0]) and torch.equal(grad, eager[1])
+    assert torch.equal(fisher, eager[4])

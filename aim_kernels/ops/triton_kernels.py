@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Optional
 
 import torch
 import triton
@@ -98,15 +99,6 @@ def _group_of(idx, offsets_ptr, G, STEPS: tl.constexpr):
         lo = tl.where(active & right, mid + 1, lo)
         hi = tl.where(active & (end > idx), mid, hi)
     return lo
-
-
-@triton.jit
-def _covered(N, offsets_ptr, G):
-    """``min(N, offsets[G])``, at least 0: the elements the groups cover. Offsets are
-    checked by value on the host only for CPU tensors; with malformed ones
-    (``offsets[G] < N``) the elements past ``offsets[G]`` are left untouched instead of
-    being given group ``G`` (a row past every per-group table)."""
-    return tl.maximum(tl.minimum(tl.load(offsets_ptr + G), N), 0)
 
 
 @triton.jit
@@ -229,8 +221,8 @@ def _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
     lanes = tl.arange(0, BLOCK)
     for tile in range(TILES):
         idx = start + tile * BLOCK + lanes
-        m = idx < N
-        gid = tl.where(m, _group_of(idx, offsets_ptr, G, STEPS), G)
+        gid = tl.where(idx < N, _group_of(idx, offsets_ptr, G, STEPS), G)
+        m = gid < G              # (also False past offsets[G], for malformed offsets)
         c = tl.load(inv_scale_ptr + gid, mask=m, other=0.0)
         t = tl.load(thresh_ptr + gid, mask=m, other=0.0)
         kappa = tl.load(keep_ptr + gid, mask=m, other=0.0)
@@ -250,35 +242,39 @@ def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, off
                        beta, one_minus_beta, tune_bucket,
                        EMA: tl.constexpr, FISHER: tl.constexpr, DIRECTIONAL: tl.constexpr,
                        STEPS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    # Malformed offsets (offsets[G] < N; checked by value on the host for CPU tensors only)
+    # put the elements past offsets[G] in "group G": a chunk wholly there does nothing, one
+    # that reaches there takes the masked mixed path, which leaves them untouched. (N is
+    # not clamped to offsets[G] instead: a loaded N would hold registers a kernel argument
+    # does not, and one config spilled.)
     start = tl.program_id(0).to(tl.int64) * (BLOCK * TILES)
-    N = _covered(N, offsets_ptr, G)
-    if start < N:                  # (a program past offsets[G] has nothing to do)
-        full = start + BLOCK * TILES <= N
-        last = tl.minimum(start + BLOCK * TILES, N) - 1
-        g_first = _group_of(start, offsets_ptr, G, STEPS)
-        g_last = _group_of(last, offsets_ptr, G, STEPS)
-        if g_first == g_last:
+    full = start + BLOCK * TILES <= N
+    last = tl.minimum(start + BLOCK * TILES, N) - 1
+    g_first = _group_of(start, offsets_ptr, G, STEPS)
+    g_last = _group_of(last, offsets_ptr, G, STEPS)
+    if g_first == g_last:
+        if g_first < G:
             if full:
-                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                                      fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                      ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
-                                      False, BLOCK, TILES)
+                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr,
+                                      imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr,
+                                      lam_ptr, ws_ptr, beta, one_minus_beta, EMA, FISHER,
+                                      DIRECTIONAL, False, BLOCK, TILES)
             else:
-                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                                      fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                      ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
-                                      True, BLOCK, TILES)
+                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr,
+                                      imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr,
+                                      lam_ptr, ws_ptr, beta, one_minus_beta, EMA, FISHER,
+                                      DIRECTIONAL, True, BLOCK, TILES)
+    else:
+        if full and g_last < G:
+            _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
+                              imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                              ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, False,
+                              STEPS, BLOCK, TILES)
         else:
-            if full:
-                _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
-                                  imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, False,
-                                  STEPS, BLOCK, TILES)
-            else:
-                _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
-                                  imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, True,
-                                  STEPS, BLOCK, TILES)
+            _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
+                              imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
+                              ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, True,
+                              STEPS, BLOCK, TILES)
 
 
 # --------------------------------------------------------------------------- radix select
@@ -295,9 +291,10 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
     ``(group - window start) * 256 + digit`` and one vector atomic of ``GW * 256`` int64
     counters per (program, window) -- a block inside one group is one window."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    N = _covered(N, offsets_ptr, G)
-    if start < N:                  # (a program past offsets[G] has nothing to do)
-        g_first = _group_of(start, offsets_ptr, G, STEPS)
+    g_first = _group_of(start, offsets_ptr, G, STEPS)
+    # malformed offsets (offsets[G] < N): a block wholly past offsets[G] reads nothing, and
+    # in a block that reaches there those elements ("group G") are left out like lanes past N
+    if g_first < G:
         g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
         # a block inside one group that has nothing to select (k = 0, or done) reads nothing:
         # with mask_ratio 0 (most presets) three of the four passes cost no data traffic
@@ -322,6 +319,7 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
                 gid = idx * 0 + g_first
             else:
                 gid = _group_of(idx, offsets_ptr, G, STEPS)
+            m = m & (gid < G)
             gid = tl.where(m, gid, 0)
             if FIRST:        # groups with k = floor(ratio * n) >= 1
                 n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
@@ -349,8 +347,8 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
                 if SUM:
                     part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
                                     x.to(tl.float64)[:, None], 0.0)
-                    tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0), mask=w + cols <= g_last,
-                                  sem="relaxed")
+                    tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0),
+                                  mask=(w + cols <= g_last) & (w + cols < G), sem="relaxed")
 
 
 @triton.jit
@@ -485,16 +483,18 @@ def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, tune_bucket
     A block inside one group (the common case) loads its m_g once; only a block across
     a group end searches the group of each element."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    N = _covered(N, offsets_ptr, G)
-    if start < N:                  # (a program past offsets[G] has nothing to do)
+    g_first = _group_of(start, offsets_ptr, G, STEPS)
+    # malformed offsets (offsets[G] < N): the elements past offsets[G] ("group G") are
+    # left untouched, like lanes past N
+    if g_first < G:
         idx = start + tl.arange(0, BLOCK)
         m = idx < N
-        g_first = _group_of(start, offsets_ptr, G, STEPS)
         g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
         if g_first == g_last:
-            bound = tl.load(mag_ptr + g_first)
+            bound = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(mag_ptr + g_first)
         else:
             gid = _group_of(idx, offsets_ptr, G, STEPS)
+            m = m & (gid < G)
             bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
         if start + BLOCK <= N:
             _align_tile(param_ptr, anchor_ptr, idx, m, bound, ZERO, False, BLOCK)
@@ -658,7 +658,7 @@ def _on_device(t: torch.Tensor):
 
 # --------------------------------------------------------------------------- the ops
 
-def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
                *, beta, accumulate="ema", importance_kind="fisher", directional=True):
     """DESIGN.md 2.1 in one launch; returns the fp32 ``[G, 7]`` stats (on the device)."""
     n, num_groups = grad.numel(), offsets.numel() - 1
@@ -706,13 +706,13 @@ def _select(values, offsets, ratio, *, with_sum: bool, normalize: bool = True):
     return (inv_scale if with_sum else None), thresh
 
 
-def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
+def _group_thresholds_impl(importance, offsets, mask_ratio, *, normalize=True):
     """DESIGN.md 2: ``(inv_scale, thresh)``, fp32 ``[G]``, by a 4-pass radix select."""
     with _on_device(importance):
         return _select(importance, offsets, mask_ratio, with_sum=True, normalize=normalize)
 
 
-def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
+def _consolidate_impl(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
                  alpha=1.0) -> None:
     """DESIGN.md 2.2, elementwise part, in one launch."""
     n = param.numel()
@@ -724,7 +724,7 @@ def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merg
                 MERGE={None: 0, "fisher": 1, "linear": 2}[merge])
 
 
-def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
+def _align_impl(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
     """DESIGN.md 2.3: select on |anchor| (4 passes), then one elementwise launch."""
     n, num_groups = param.numel(), offsets.numel() - 1
     if not n:
@@ -738,7 +738,7 @@ def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
                 ZERO=mode == "zero", STEPS=_steps(num_groups))
 
 
-def align_apply_(param, anchor, offsets, m_g, *, mode="anchor") -> None:
+def _align_apply_impl(param, anchor, offsets, m_g, *, mode="anchor") -> None:
     """DESIGN.md 2.3 given ``m_g`` (fp32 ``[G]``): one elementwise launch, no select."""
     n, num_groups = param.numel(), offsets.numel() - 1
     if not n or num_groups <= 0:
@@ -747,3 +747,110 @@ def align_apply_(param, anchor, offsets, m_g, *, mode="anchor") -> None:
         _launch("align", n, (param, anchor, offsets, m_g, n, num_groups),
                 ZERO=mode == "zero", STEPS=_steps(num_groups))
 
+
+
+# --------------------------------------------------------------------------- torch.library
+#
+# The ops are registered as ``aim_kernels_triton::*`` custom ops with their in-place
+# arguments and fake implementations, as native.py does for ``_C``: torch.compile then
+# keeps each op as one opaque node instead of tracing the launcher (its autotuning state,
+# the prefix clones, Triton's launch keywords), so a step with backend="triton" compiles
+# with fullgraph=True.
+
+@torch.library.custom_op("aim_kernels_triton::fused_step", mutates_args=("grad", "fisher"))
+def _fused_step_op(grad: torch.Tensor, param: torch.Tensor, anchor: torch.Tensor,
+                   importance: torch.Tensor, fisher: torch.Tensor, offsets: torch.Tensor,
+                   inv_scale: torch.Tensor, thresh: torch.Tensor, keep: torch.Tensor,
+                   lam: torch.Tensor, beta: float, accumulate: str, importance_kind: str,
+                   directional: bool) -> torch.Tensor:
+    return _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
+                            keep, lam, beta=beta, accumulate=accumulate,
+                            importance_kind=importance_kind, directional=directional)
+
+
+@_fused_step_op.register_fake
+def _(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam, beta,
+      accumulate, importance_kind, directional):
+    return grad.new_empty((offsets.shape[0] - 1, NUM_STATS), dtype=torch.float32)
+
+
+@torch.library.custom_op("aim_kernels_triton::group_thresholds", mutates_args=())
+def _group_thresholds_op(importance: torch.Tensor, offsets: torch.Tensor,
+                         mask_ratio: torch.Tensor,
+                         normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _group_thresholds_impl(importance, offsets, mask_ratio, normalize=normalize)
+
+
+@_group_thresholds_op.register_fake
+def _(importance, offsets, mask_ratio, normalize):
+    g = offsets.shape[0] - 1
+    return (importance.new_empty((g,), dtype=torch.float32),
+            importance.new_empty((g,), dtype=torch.float32))
+
+
+@torch.library.custom_op("aim_kernels_triton::consolidate_",
+                         mutates_args=("param", "anchor", "importance", "fisher"))
+def _consolidate_op(param: torch.Tensor, anchor: torch.Tensor, importance: torch.Tensor,
+                    fisher: torch.Tensor, fisher_scale: float, decay: float,
+                    merge: Optional[str], alpha: float) -> None:
+    _consolidate_impl(param, anchor, importance, fisher, fisher_scale=fisher_scale,
+                       decay=decay, merge=merge, alpha=alpha)
+
+
+@_consolidate_op.register_fake
+def _(param, anchor, importance, fisher, fisher_scale, decay, merge, alpha):
+    return None
+
+
+@torch.library.custom_op("aim_kernels_triton::align_", mutates_args=("param",))
+def _align_op(param: torch.Tensor, anchor: torch.Tensor, offsets: torch.Tensor,
+              align_ratio: float, align_mode: str) -> None:
+    _align_impl(param, anchor, offsets, align_ratio, mode=align_mode)
+
+
+@_align_op.register_fake
+def _(param, anchor, offsets, align_ratio, align_mode):
+    return None
+
+
+@torch.library.custom_op("aim_kernels_triton::align_apply_", mutates_args=("param",))
+def _align_apply_op(param: torch.Tensor, anchor: torch.Tensor, offsets: torch.Tensor,
+                    m_g: torch.Tensor, align_mode: str) -> None:
+    _align_apply_impl(param, anchor, offsets, m_g, mode=align_mode)
+
+
+@_align_apply_op.register_fake
+def _(param, anchor, offsets, m_g, align_mode):
+    return None
+
+
+def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+               *, beta, accumulate="ema", importance_kind="fisher", directional=True):
+    """DESIGN.md 2.1 in one launch; returns the fp32 ``[G, 7]`` stats (on the device)."""
+    return torch.ops.aim_kernels_triton.fused_step(
+        grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+        float(beta), accumulate, importance_kind, bool(directional))
+
+
+def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
+    """DESIGN.md 2: ``(inv_scale, thresh)``, fp32 ``[G]``, by a 4-pass radix select."""
+    return torch.ops.aim_kernels_triton.group_thresholds(importance, offsets, mask_ratio,
+                                                         bool(normalize))
+
+
+def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
+                 alpha=1.0) -> None:
+    """DESIGN.md 2.2, elementwise part, in one launch."""
+    torch.ops.aim_kernels_triton.consolidate_(param, anchor, importance, fisher,
+                                              float(fisher_scale), float(decay), merge,
+                                              float(alpha))
+
+
+def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
+    """DESIGN.md 2.3: select on |anchor| (4 passes), then one elementwise launch."""
+    torch.ops.aim_kernels_triton.align_(param, anchor, offsets, float(align_ratio), mode)
+
+
+def align_apply_(param, anchor, offsets, m_g, *, mode="anchor") -> None:
+    """DESIGN.md 2.3 given ``m_g`` (fp32 ``[G]``): one elementwise launch, no select."""
+    torch.ops.aim_kernels_triton.align_apply_(param, anchor, offsets, m_g, mode)
