@@ -414,7 +414,8 @@ def test_triton_kernels_compile_for_gpu(arch, dtype, state_dtype):
     p, s = PTR[dtype], PTR[state_dtype]
     step_sig = dict(grad_ptr=p, param_ptr=p, anchor_ptr=p, imp_ptr=s, fisher_ptr=s,
                     offsets_ptr="*i64", inv_scale_ptr="*fp32", thresh_ptr="*fp32",
-                    keep_ptr="*fp32", lam_ptr="*fp32", ws_ptr="*fp64", N="i64", G="i32",
+                    keep_ptr="*fp32", lam_ptr="*fp32", ws_ptr="*fp64", part_ptr="*fp64",
+                    pgid_ptr="*i32", N="i64", G="i32",
                     beta="fp32", one_minus_beta="fp32", tune_bucket="i32")
     # every config on one target (their register use is the point), the first elsewhere
     every = (arch, dtype, state_dtype) == (90, BF16, F32)
@@ -426,6 +427,9 @@ def test_triton_kernels_compile_for_gpu(arch, dtype, state_dtype):
     jobs.append(("step", K._fused_step_kernel, step_sig,
                  dict(EMA=False, FISHER=False, DIRECTIONAL=False, STEPS=1, BLOCK=1024, TILES=1),
                  8))
+    jobs.append(("reduce", K._stats_reduce_kernel,
+                 dict(part_ptr="*fp64", pgid_ptr="*i32", ws_ptr="*fp64", P="i64", G="i32"),
+                 dict(R=K.REDUCE_ROWS), 4))
     for i, cfg in enumerate(K._ELEMENTWISE_CONFIGS if every else K._ELEMENTWISE_CONFIGS[:1]):
         for merge in ((0, 1, 2) if i == 0 else (1,)):
             jobs.append(("consolidate", K._consolidate_kernel,
@@ -541,9 +545,9 @@ def test_triton_malformed_offsets_stay_in_bounds():
     ws = torch.full(((G + 2) * 7,), guard, dtype=torch.float64)
     ws[:G * 7] = 0
     g0, f0 = grad.clone(), fisher.clone()
-    tk._launch("step", n, (grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
-                           keep, lam, ws[:G * 7], n, G, 0.9, 0.1),
-               EMA=True, FISHER=True, DIRECTIONAL=True, STEPS=tk._steps(G))
+    tk._step_into(ws[:G * 7].view(G, 7), grad, param, anchor, importance, fisher, offsets,
+                  inv_scale, thresh, keep, lam, beta=0.9, ema=True, fisher_kind=True,
+                  directional=True)
     assert torch.equal(ws[G * 7:], torch.full(((2) * 7,), guard, dtype=torch.float64)), \
         "stats written past row G-1"
     assert torch.equal(grad[cover:], g0[cover:]) and torch.equal(fisher[cover:], f0[cover:])

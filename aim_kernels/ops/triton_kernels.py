@@ -6,13 +6,16 @@ Organisation (every kernel covers all groups in one launch, whatever G):
   elements. Each element finds its group by a binary search over ``offsets`` (``STEPS =
   bit_length(G)`` gathers of the small, cached offsets table). When the whole chunk lies
   in one group (the common case) the per-group scalars are loaded once and the 7 stats
-  are accumulated in registers over the tiles, then added with 7 atomics; a chunk that
-  spans groups reduces each tile once per group present in it (a loop over the distinct
-  groups of the tile, not over G) and adds one atomic per (tile, group, stat). No
-  per-element atomics. Stats are accumulated in an fp64 ``[G, 7]`` workspace (counts stay
+  are accumulated in registers over the tiles, then stored to the program's own row of a
+  partials buffer (no atomics), and ``_stats_reduce_kernel`` adds blocks of 256 rows with
+  one vector atomic per group present (so a dominant group's programs never queue on one
+  56-byte row); a chunk that spans groups reduces each tile once per group present in it
+  (a loop over the distinct groups of the tile, not over G) and adds one atomic per
+  (tile, group, stat). Stats are accumulated in an fp64 ``[G, 7]`` workspace (counts stay
   exact past 2^24 and sums are rounded once, like the reference's fp64 sums) and
-  returned as fp32 -- the workspace memset and the final cast are the only other
-  device operations; nothing waits on the host.
+  returned as fp32; nothing waits on the host. Elements past ``offsets[G]`` (malformed
+  offsets on a GPU tensor, which the host checks by value only on the CPU) are left
+  untouched by every kernel.
 * ``group_thresholds`` and the magnitude threshold of ``align_`` -- an exact radix
   select over the fp32 bit pattern (sign bit dropped, as in ``reference.kth_largest``):
   four passes of 8 bits. Each pass is one launch of ``_hist_kernel`` (per program, one
@@ -24,7 +27,10 @@ Organisation (every kernel covers all groups in one launch, whatever G):
   groups' values in fp64 for ``inv_scale``. No sort, no copy of the data; extra memory
   is ``4 * G * 256`` int64 counters. ``k = floor(rho * n)`` is taken in fp64 on the device.
 * ``consolidate_`` -- ``_consolidate_kernel``, elementwise; ``align_`` -- the select on
-  ``|anchor|`` then ``_align_kernel``, elementwise, writing only the reset elements.
+  ``|anchor|`` then ``_align_kernel``, elementwise, writing only the reset elements;
+  ``align_apply_`` -- that kernel alone, given m_g (a block in one group loads it once).
+* The ops are ``torch.library`` custom ops (``aim_kernels_triton::*``, fake impls), so
+  ``torch.compile(fullgraph=True)`` keeps each as one node.
 
 All math is fp32 on fp32/bf16/fp16 storage (loads upcast, stores round once); element
 indices are int64. Every program whose chunk lies wholly below N runs without masks, so
@@ -72,6 +78,7 @@ TUNE_MIN_N = 1 << 20
 # 7B-element step in place would clone the whole gradient and Fisher buffers).
 TUNE_CAP_LOG2 = 24
 PICK_WARPS = 4
+REDUCE_ROWS = 256                # partial rows per program of the step's stats reduction
 PICK_GROUPS = 8                  # groups per program of the pick kernel ([8, 256] tiles)
 HIST_WINDOW = 2                  # groups per histogram of the radix pass (2 x 256 bins)
 # tl.histogram(..., mask=) exists from Triton 3.4 on; before, excluded lanes are subtracted
@@ -179,11 +186,12 @@ def _add_stats(ws_ptr, g, sel, v0, v1, v2, v3, v4, v5, v6):
 
 @triton.jit
 def _step_chunk_one_group(start, N, g, grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr,
-                          inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, beta,
+                          inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, part_ptr, pgid_ptr, beta,
                           one_minus_beta, EMA: tl.constexpr, FISHER: tl.constexpr,
                           DIRECTIONAL: tl.constexpr, MASKED: tl.constexpr,
                           BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """A chunk inside group ``g``: its scalars once, stats in registers, 7 atomics."""
+    """A chunk inside group ``g``: its scalars once, stats in registers, then its 7 sums
+    stored to its own row of the partials (no atomics; ``_stats_reduce_kernel`` adds them)."""
     c = tl.load(inv_scale_ptr + g)
     t = tl.load(thresh_ptr + g)
     kappa = tl.load(keep_ptr + g)
@@ -208,7 +216,14 @@ def _step_chunk_one_group(start, N, g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
         a4 += v4
         a5 += v5
         a6 += v6
-    _add_stats(ws_ptr, g, lanes >= 0, a0, a1, a2, a3, a4, a5, a6)
+    cols = tl.arange(0, 8)
+    row = tl.where(cols == 0, tl.sum(a0), 0.0) + tl.where(cols == 1, tl.sum(a1), 0.0) + \
+        tl.where(cols == 2, tl.sum(a2), 0.0) + tl.where(cols == 3, tl.sum(a3), 0.0) + \
+        tl.where(cols == 4, tl.sum(a4), 0.0) + tl.where(cols == 5, tl.sum(a5), 0.0) + \
+        tl.where(cols == 6, tl.sum(a6), 0.0)
+    pid = tl.program_id(0).to(tl.int64)
+    tl.store(part_ptr + pid * 8 + cols, row.to(tl.float64))
+    tl.store(pgid_ptr + pid, (g + 1).to(tl.int32))          # 0 (the reset value): no row
 
 
 @triton.jit
@@ -238,7 +253,8 @@ def _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
 
 @triton.jit
 def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, offsets_ptr,
-                       inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, N, G,
+                       inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, part_ptr, pgid_ptr,
+                       N, G,
                        beta, one_minus_beta, tune_bucket,
                        EMA: tl.constexpr, FISHER: tl.constexpr, DIRECTIONAL: tl.constexpr,
                        STEPS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
@@ -257,12 +273,12 @@ def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, off
             if full:
                 _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr,
                                       imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr,
-                                      lam_ptr, ws_ptr, beta, one_minus_beta, EMA, FISHER,
+                                      lam_ptr, part_ptr, pgid_ptr, beta, one_minus_beta, EMA, FISHER,
                                       DIRECTIONAL, False, BLOCK, TILES)
             else:
                 _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr,
                                       imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr,
-                                      lam_ptr, ws_ptr, beta, one_minus_beta, EMA, FISHER,
+                                      lam_ptr, part_ptr, pgid_ptr, beta, one_minus_beta, EMA, FISHER,
                                       DIRECTIONAL, True, BLOCK, TILES)
     else:
         if full and g_last < G:
@@ -275,6 +291,24 @@ def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, off
                               imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
                               ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, True,
                               STEPS, BLOCK, TILES)
+
+
+@triton.jit
+def _stats_reduce_kernel(part_ptr, pgid_ptr, ws_ptr, P, G, R: tl.constexpr):
+    """Adds the partial rows of the one-group chunks into the fp64 [G, 7] stats. Programs
+    run in element order, so the rows of one group are contiguous: a block of R rows adds
+    once per group present in it -- 7 atomics per R programs, where one atomic row per
+    program had every program of a dominant group hit the same 56 bytes."""
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    gid = tl.load(pgid_ptr + rows, mask=rows < P, other=0) - 1       # -1: no row there
+    cols = tl.arange(0, 8)
+    vals = tl.load(part_ptr + rows[:, None] * 8 + cols[None, :],
+                   mask=(gid >= 0)[:, None] & (cols < 7)[None, :], other=0.0)
+    g = tl.min(tl.where(gid >= 0, gid, G))
+    while g < G:
+        total = tl.sum(tl.where((gid == g)[:, None], vals, 0.0), 0)
+        tl.atomic_add(ws_ptr + g * 7 + cols, total, mask=cols < 7, sem="relaxed")
+        g = tl.min(tl.where(gid > g, gid, G))
 
 
 # --------------------------------------------------------------------------- radix select
@@ -570,8 +604,9 @@ class _Roles:
 _KERNELS = {
     # name: (plain jit function, autotuned wrapper, key of INTERPRET_META, argument roles)
     "step": (_fused_step_kernel,
-             _tuned(_STEP_CONFIGS, restore=("grad_ptr", "fisher_ptr"), reset=("ws_ptr",))(
-                 _fused_step_kernel), "step", _Roles((0, 1, 2, 3, 4), (0, 4), (10,), 11)),
+             _tuned(_STEP_CONFIGS, restore=("grad_ptr", "fisher_ptr"),
+                    reset=("ws_ptr", "pgid_ptr"))(_fused_step_kernel),
+             "step", _Roles((0, 1, 2, 3, 4), (0, 4), (10, 12), 13)),
     "hist": (_hist_kernel,
              _tuned(_HIST_CONFIGS, reset=("hist_ptr", "sum_ptr"))(_hist_kernel), "hist",
              _Roles((0,), (), (3, 6), 7)),
@@ -658,19 +693,47 @@ def _on_device(t: torch.Tensor):
 
 # --------------------------------------------------------------------------- the ops
 
-def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
-               *, beta, accumulate="ema", importance_kind="fisher", directional=True):
-    """DESIGN.md 2.1 in one launch; returns the fp32 ``[G, 7]`` stats (on the device)."""
-    n, num_groups = grad.numel(), offsets.numel() - 1
+def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                     lam, *, beta, accumulate="ema", importance_kind="fisher", directional=True):
+    """DESIGN.md 2.1 in one launch (and a small reduction); returns the fp32 ``[G, 7]``
+    stats (on the device)."""
+    num_groups = offsets.numel() - 1
     with _on_device(grad):
         ws = torch.zeros((num_groups, NUM_STATS), dtype=torch.float64, device=grad.device)
-        if n:
-            beta = float(beta)
-            _launch("step", n, (grad, param, anchor, importance, fisher, offsets, inv_scale,
-                                thresh, keep, lam, ws, n, num_groups, beta, 1.0 - beta),
-                    EMA=accumulate == "ema", FISHER=importance_kind == "fisher",
-                    DIRECTIONAL=bool(directional), STEPS=_steps(num_groups))
+        _step_into(ws, grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                   lam, beta=beta, ema=accumulate == "ema", fisher_kind=importance_kind == "fisher",
+                   directional=bool(directional))
         return ws.to(torch.float32)
+
+
+def _step_into(ws, grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+               *, beta, ema, fisher_kind, directional) -> None:
+    """The step's launches, adding its stats into the zeroed fp64 ``ws`` ``[G, 7]``."""
+    n, num_groups = grad.numel(), offsets.numel() - 1
+    if not n:
+        return
+    beta = float(beta)
+    # one partial row per program of the smallest chunk any config takes
+    rows = triton.cdiv(n, _min_step_chunk())
+    part = torch.empty((rows, 8), dtype=torch.float64, device=grad.device)
+    pgid = torch.zeros(rows, dtype=torch.int32, device=grad.device)
+    _launch("step", n, (grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                        lam, ws, part, pgid, n, num_groups, beta, 1.0 - beta),
+            EMA=ema, FISHER=fisher_kind, DIRECTIONAL=directional, STEPS=_steps(num_groups))
+    grid = (triton.cdiv(rows, REDUCE_ROWS),)
+    if autotuned():
+        _stats_reduce_kernel[grid](part, pgid, ws, rows, num_groups, R=REDUCE_ROWS, num_warps=4)
+    else:
+        with _quiet():
+            _stats_reduce_kernel[grid](part, pgid, ws, rows, num_groups, R=REDUCE_ROWS)
+
+
+def _min_step_chunk() -> int:
+    """Elements per program of the step's smallest chunk (the most programs a launch has)."""
+    if not autotuned():
+        meta = INTERPRET_META["step"]
+        return meta["BLOCK"] * meta["TILES"]
+    return min(c.kwargs["BLOCK"] * c.kwargs["TILES"] for c in _STEP_CONFIGS)
 
 
 def _select(values, offsets, ratio, *, with_sum: bool, normalize: bool = True):
