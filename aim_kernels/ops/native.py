@@ -194,9 +194,11 @@ def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale
 
 
 # The CUDA select's scratch must hold zero histograms on entry and is left so by every
-# call (each pass clears the bins it read), so one zeroed buffer per (device, stream) is
-# kept and grown, not a G x 16 KB memset per call. Per stream: two streams never share it.
-_CUDA_SCRATCH: dict[tuple[int, int], Tensor] = {}
+# call (each pass clears the bins it read), so one zeroed buffer per (device, stream, G)
+# is kept, not a G x 16 KB memset per call. Per stream: two streams never share one. Per
+# G: the per-group state that follows the histograms sits at an offset that depends on G,
+# inside the histograms of a larger G, so buffers are never shared across G.
+_CUDA_SCRATCH: dict[tuple[int, int, int], Tensor] = {}
 
 
 def _threshold_scratch(device, groups):
@@ -205,21 +207,21 @@ def _threshold_scratch(device, groups):
                            device=device)
     nbytes = _C.cuda_threshold_scratch_bytes(groups)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, torch.cuda.current_stream(index).cuda_stream)
+    key = (index, torch.cuda.current_stream(index).cuda_stream, groups)
     buf = _CUDA_SCRATCH.get(key)
-    if buf is None or buf.numel() < nbytes:
+    if buf is None:
         buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         _CUDA_SCRATCH[key] = buf
     return buf
 
 
-def _cuda_select(key_device, launch):
+def _cuda_select(key_device, groups, launch):
     """Runs a select launch; a failed one may leave bins set, so its scratch is dropped."""
     try:
         launch()
     except Exception:
         index = key_device.index if key_device.index is not None else torch.cuda.current_device()
-        _CUDA_SCRATCH.pop((index, torch.cuda.current_stream(index).cuda_stream), None)
+        _CUDA_SCRATCH.pop((index, torch.cuda.current_stream(index).cuda_stream, groups), None)
         raise
 
 
@@ -243,7 +245,7 @@ def _group_thresholds_impl(importance, offsets, mask_ratio, normalize):
     if device.type == "cpu":
         _C.cpu_group_thresholds(*args)
     else:
-        _cuda_select(device, lambda: _C.cuda_group_thresholds(*args, *_stream(device)))
+        _cuda_select(device, groups, lambda: _C.cuda_group_thresholds(*args, *_stream(device)))
     return inv_scale, thresh
 
 
@@ -285,7 +287,7 @@ def _align_impl(param, anchor, offsets, align_ratio, mode):
     if device.type == "cpu":
         _C.cpu_align(*args)
     else:
-        _cuda_select(device, lambda: _C.cuda_align(*args, *_stream(device)))
+        _cuda_select(device, groups, lambda: _C.cuda_align(*args, *_stream(device)))
 
 
 def _align_apply_impl(param, anchor, offsets, m_g, mode):
