@@ -19,7 +19,9 @@ fields in both modes (so ``make test``, which runs the dry mode, keeps the scrip
   weights, from a config) -- forward, backward, masked_step, fused AdamW.
 
 Every section records its own failure (``{"error": ...}``) and the run goes on, so one
-broken piece never costs the rest of a short GPU lease. Before importing the library on
+broken piece never costs the rest of a short GPU lease. The figures are taken first; the
+test and sanitizer runs then share what is left of ``--budget`` (450 s), each cut at its
+share, so the check ends in time whatever they take. Before importing the library on
 a GPU machine, ``ensure_native`` builds ``_C`` in place for the local GPU when no build
 of it is importable (the image has nvcc, CMake, ninja and pybind11).
 """
@@ -121,6 +123,12 @@ def timed(torch, fn, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def _share(args, runs_left: int) -> float:
+    """Seconds for the next of ``runs_left`` subprocess runs: an even share of what is
+    left before the deadline (at least 30, so each at least starts)."""
+    return max(30.0, (args.deadline - time.perf_counter()) / max(1, runs_left))
+
+
 def _guard(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -171,7 +179,7 @@ def tests_section(args) -> dict:
         trit = py + ["tests/test_backends.py", "tests/test_triton.py", "-k", "triton"]
     out = {}
     for name, cmd in (("pytest_cuda", cuda), ("pytest_triton", trit)):
-        res = _run(cmd, 120 if args.dry else 240)
+        res = _run(cmd, 120 if args.dry else _share(args, 4 - len(out)))
         counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|"
                                                    r"deselected)", res.get("tail", ""))}
         out[name] = {**counts, "rc": res["rc"], "seconds": res["seconds"],
@@ -191,7 +199,8 @@ def sanitizer_section(args) -> dict:
                 "cases_on_cpu": {"rc": ran["rc"], "seconds": ran["seconds"]}}
     out = {}
     for check in ("memcheck", "racecheck"):
-        res = _run([tool, "--tool", check, "--error-exitcode", "99", *cases], 240)
+        res = _run([tool, "--tool", check, "--error-exitcode", "99", *cases],
+                   _share(args, 2 - len(out)))
         m = re.search(r"ERROR SUMMARY: (\d+) error", res.get("tail", ""))
         out[check] = {"rc": res["rc"], "errors": int(m.group(1)) if m else None,
                       "seconds": res["seconds"], "tail": res.get("tail", "")[-1500:]}
@@ -375,6 +384,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry", action="store_true", help="CPU, small sizes (< 2 min)")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    ap.add_argument("--budget", type=float, default=450.0,
+                    help="seconds the whole check may take (the test runs get what is left)")
     args = ap.parse_args(argv)
     if args.dry:
         os.environ.setdefault("TRITON_INTERPRET", "1")    # Triton on CPU tensors
@@ -382,12 +393,15 @@ def main(argv=None) -> int:
     result = {"build": ensure_native(args.dry)}
     result["env"] = _guard(env_section, args)
     result["info"] = _run([sys.executable, "-m", "aim_kernels"], 120)
-    result["tests"] = _guard(tests_section, args)
-    result["sanitizer"] = _guard(sanitizer_section, args)
+    # the figures first; then the test runs share what is left of the budget, so the
+    # whole check ends inside it whatever they take (a cut run is recorded as such)
     result["fused_step"] = _guard(fused_step_section, args)
     result["adamw"] = _guard(adamw_section, args)
     result["group_thresholds"] = _guard(thresholds_section, args)
     result["masked_step"] = _guard(masked_step_section, args)
+    args.deadline = t0 + args.budget
+    result["tests"] = _guard(tests_section, args)
+    result["sanitizer"] = _guard(sanitizer_section, args)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     env = result["env"] if "error" not in result["env"] else {}
     if args.out:
