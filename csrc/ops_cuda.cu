@@ -147,12 +147,14 @@ __device__ __forceinline__ void step_one(T& g, const T p, const T a, const S om,
   acc.masked += o.masked ? 1u : 0u; acc.nonfinite += o.finite ? 0u : 1u;
 }
 
-// 4 resident blocks per SM for fp32 params (at most 64 registers), 2 for 16-bit ones,
-// whose VEC = 8 body needs 118-128 registers: it spilled 24-72 bytes at 64 and at 80
-// (ptxas -v, sm_80/sm_90); tests/test_cuda_build.py keeps every kernel at 0 spill bytes.
-// 16 warps per SM with 8 elements per thread still keep ~50 KB of loads in flight per
-// SM, over the ~15 KB that HBM3 latency times bandwidth needs.
-template <typename T> constexpr int step_min_blocks() { return sizeof(T) == 4 ? 4 : 2; }
+// 3 resident blocks per SM for fp32 params (at most 85 registers), 2 for 16-bit ones
+// (at most 128), whose VEC = 8 body needs 118-128 registers. ptxas -v with sm_80/sm_90:
+// at 64 registers fp32/fp32 spilled 4 bytes (CUDA 12.4) and the 16-bit kernels 24-72
+// bytes (CUDA 13.0), at 80 the 16-bit ones still spilled; tests/test_cuda_build.py keeps
+// every kernel at 0 spill bytes with every nvcc it finds. 16-24 warps per SM with 4-8
+// elements per thread keep ~50-60 KB of loads in flight per SM, over the ~15 KB that
+// HBM3 latency times bandwidth needs.
+template <typename T> constexpr int step_min_blocks() { return sizeof(T) == 4 ? 3 : 2; }
 
 template <typename T, typename S>
 __global__ void __launch_bounds__(kBlock, step_min_blocks<T>())
