@@ -30,7 +30,8 @@ def runs(tmp_path_factory):
     torch.multiprocessing.spawn(W.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD,
                                 join=True)
     load = lambda name, r: torch.load(out / f"{name}-rank{r}.pt", weights_only=False)  # noqa: E731
-    return {name: [load(name, r) for r in range(WORLD)] for name in ("thresholds", "ddp", "fsdp")}
+    return {name: [load(name, r) for r in range(WORLD)] for name in ("thresholds", "ddp", "fsdp",
+                                                                  "fsdp_bad")}
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,16 @@ def test_dcp_refuses_another_config_before_touching_anything(runs):
     for r in runs["fsdp"]:
         assert "another model or AIMConfig" in r["wrong_config_error"]
         assert r["wrong_config_untouched"]
+
+
+def test_fsdp2_shards_mixed_with_plain_parameters_are_refused(runs):
+    for r in runs["fsdp_bad"]:
+        msg = r["mixed_error"]
+        assert "is a plain tensor while 'vision.0." in msg and "sharded (DTensor)" in msg, msg
+        assert r["mixed_untouched"] and not r["mixed_attached"]
+
+
+def test_dcp_refuses_another_model_before_touching_anything(runs):
+    for r in runs["fsdp_bad"]:
+        assert "another model or AIMConfig" in r["other_model_error"], r["other_model_error"]
+        assert r["other_model_untouched"] and r["other_model_steps"] == (0, 0)
