@@ -26,8 +26,10 @@ FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = (FP32, BF16, FP16)
 DTYPE_NAMES = {FP32: "fp32", BF16: "bf16", FP16: "fp16", torch.float64: "fp64"}
 
-# Tolerances for comparing a stored result with an expected one computed in fp32 and
-# rounded to the same dtype: fp32 allows a few ulps of reordering/contraction; bf16 and
+# Tolerances for comparing a stored result of a backend that may contract or reorder (a
+# GPU) with an expected one computed in fp32 and rounded to the same dtype (the reference
+# against the oracle, and the CPU backend against the reference, are compared bit for
+# bit, and do not use these): fp32 allows a few ulps of reordering/contraction; bf16 and
 # fp16 allow one ulp of the storage type (rtol = 2^-7 / 2^-10, the widest relative
 # spacing), because an fp32 difference of one ulp can flip a rounding. ``atol`` is scaled
 # by the largest magnitude of the result by the tests. ``stats_rtol`` is for the [G, 7]
