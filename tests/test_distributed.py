@@ -108,3 +108,23 @@ def test_dcp_refuses_another_model_before_touching_anything(runs):
     for r in runs["fsdp_bad"]:
         assert "another model or AIMConfig" in r["other_model_error"], r["other_model_error"]
         assert r["other_model_untouched"] and r["other_model_steps"] == (0, 0)
+
+
+def test_global_thresholds_c_is_zero_where_n_over_the_sum_overflows():
+    """DESIGN.md 2 in the FSDP2 path: a group whose Omega sums to ~1e-44 gets c_g = 0, not
+    n / sum = inf (one process: the all-reduce is the identity)."""
+    from aim_kernels import sharding
+
+    class OneProcess:
+        device = torch.device("cpu")
+
+        @staticmethod
+        def sum(t):
+            return t.clone()
+
+    tiny = torch.full((7,), 1.401298464324817e-45)
+    ok = torch.full((2,), 1e-37)
+    c, t = sharding.global_thresholds(OneProcess(), [[tiny[:3], tiny[3:]], [ok]], [0.0, 0.5],
+                                      normalize=True)
+    assert c == [0.0, float(torch.tensor(1e37))], c
+    assert t == [float("inf"), float(torch.tensor(1e-37))]
