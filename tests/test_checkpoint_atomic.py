@@ -86,6 +86,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_mid_save_leaves_the_previous_file(tmp_path):
     n = 1 << 23                                  # 3 x 32 MiB of state: a save takes a while
     path = tmp_path / "aim.safetensors"
