@@ -52,7 +52,8 @@ def _fsync_folder(folder: str) -> None:
 def save(state, path) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.contiguous() for k, v in state.state_dict().items()}
-    metadata = {"format": FORMAT, "names": json.dumps(state.names)}
+    metadata = {"format": FORMAT, "names": json.dumps(state.names),
+                "layout": json.dumps(_layout(state))}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -61,9 +62,10 @@ _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16"
                 torch.bfloat16: "BF16", torch.int64: "I64", torch.uint8: "U8"}
 
 
-def read_checked(state, path) -> dict[str, torch.Tensor]:
+def read_checked(state, path) -> tuple[dict[str, torch.Tensor], bool]:
     """The tensors of the file at ``path``, after checking format, names, keys, sizes and
-    fingerprint against ``state``; raises ValueError naming the first mismatch."""
+    fingerprint against ``state``; raises ValueError naming the first mismatch. The flag
+    is True when the file was saved before the model was cast (see :func:`_cast_sd`)."""
     from safetensors import safe_open
     path = os.fspath(path)
     try:
@@ -88,6 +90,13 @@ def read_checked(state, path) -> dict[str, torch.Tensor]:
                              f"file, {len(state.names)} here)")
         expected = state.state_dict()
         keys = set(f.keys())
+        fp = bytes(f.get_tensor("meta.fingerprint").tolist())
+        own = state._fingerprint
+        half = len(own) // 2
+        if fp[:half] != own[:half]:
+            raise ValueError(f"load: {path!r} was saved with another AIMConfig")
+        if fp != own and json.loads(meta.get("layout", "[]")) != _layout(state):
+            return _cast_sd(state, f, path), True
         if keys != set(expected):
             raise ValueError(f"load: {path!r} has keys {sorted(keys ^ set(expected))[:4]} "
                              "that differ from this state's; was it saved from another model?")
@@ -98,15 +107,56 @@ def read_checked(state, path) -> dict[str, torch.Tensor]:
             if list(got.get_shape()) != list(ref.shape) or got.get_dtype() != _DTYPE_NAMES.get(ref.dtype):
                 raise ValueError(f"load: {path!r} holds {key!r} as {got.get_shape()} "
                                  f"{got.get_dtype()}, this state {list(ref.shape)} {ref.dtype}")
-        fp = bytes(f.get_tensor("meta.fingerprint").tolist())
-        own = state._fingerprint
         if fp != own:
-            half = len(own) // 2
-            which = ("model (managed parameter names, shapes, dtypes or groups differ)"
-                     if fp[half:] != own[half:] else "AIMConfig")
-            raise ValueError(f"load: {path!r} was saved from another {which}")
-        return {k: f.get_tensor(k) for k in keys}
+            raise ValueError(f"load: {path!r} was saved from another model (managed "
+                             "parameter names, shapes, dtypes or groups differ)")
+        return {k: f.get_tensor(k) for k in keys}, False
+
+
+def _layout(state) -> list:
+    """Per bucket: its dtype and ``[name, shape]`` of its slots, in order."""
+    return [[str(b.dtype).removeprefix("torch."), [[s.name, list(s.shape)] for s in b.slots]]
+            for b in state.buckets]
 
 
 def load(state, path) -> None:
-    state.load_state_dict(read_checked(state, path))
+    sd, cast = read_checked(state, path)
+    state.load_state_dict(sd)
+    if cast:
+        state.refresh_thresholds()          # per-bucket copies of c_g, t_g for the new layout
+        state.reindex_holds()
+
+
+def _cast_sd(state, f, path) -> dict[str, torch.Tensor]:
+    """A file saved before the model was cast (same names, sizes, groups and config;
+    other parameter dtypes): each parameter's anchor is cast as its weight was, Ω and F
+    are taken as they are; c_g and t_g are recomputed from Ω by the caller."""
+    meta = f.metadata()
+    if "layout" not in meta:
+        raise ValueError(f"load: {path!r} was saved from another model (managed parameter "
+                         "names, shapes, dtypes or groups differ)")
+    where, shapes = {}, {}
+    for i, (_, slots) in enumerate(json.loads(meta["layout"])):
+        start = 0
+        for name, shape in slots:
+            numel = int(torch.Size(shape).numel())
+            where[name], shapes[name] = (i, start, numel), shape
+            start += numel
+    if shapes != {s.name: list(s.shape) for b in state.buckets for s in b.slots}:
+        raise ValueError(f"load: {path!r} was saved from another model (managed parameter "
+                         "names, shapes or groups differ)")
+    expected = state.state_dict()
+    sd = {k: v.clone() for k, v in expected.items()}
+    cache = {}
+    for j, b in enumerate(state.buckets):
+        for kind in ("anchor", "importance", "fisher"):
+            dst = sd[f"bucket{j}.{kind}"]
+            for s in b.slots:
+                i, start, numel = where[s.name]
+                key = f"bucket{i}.{kind}"
+                if key not in cache:
+                    cache[key] = f.get_tensor(key)
+                dst[s.start:s.start + s.numel].copy_(cache[key][start:start + numel])
+    sd["meta.steps"] = f.get_tensor("meta.steps")
+    sd["meta.version"] = f.get_tensor("meta.version")
+    return sd

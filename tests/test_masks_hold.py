@@ -238,3 +238,24 @@ def test_cast_error_advises_state_to_which_keeps_the_state():
         opt.step()
         assert torch.equal(b.param[m], b.anchor[m])
     assert state.steps == 9 and m.any()
+
+
+def test_a_state_saved_before_a_cast_loads_after_it(tmp_path):
+    model = SplitVLM()                                  # fp32 + bf16 buckets
+    state = ak.attach(model, ak.AIMConfig(groups=groups(), backend="torch"))
+    readme_loop(model, state, torch.optim.SGD(model.parameters(), lr=0.1), tasks=1)
+    state.save(tmp_path / "aim.safetensors")
+    want = {s.name: {k: s.param_view(getattr(b, k)).clone() for k in ("anchor", "importance")}
+            for b in state.buckets for s in b.slots}
+    held = state.held_count
+    state.to(torch.bfloat16)                             # one bf16 bucket now
+    with torch.no_grad():
+        for b in state.buckets:
+            b.importance.zero_()
+            b.anchor.zero_()
+    state.load(tmp_path / "aim.safetensors")
+    (b,) = state.buckets
+    for s in b.slots:
+        assert torch.equal(s.param_view(b.importance), want[s.name]["importance"]), s.name
+        assert torch.equal(s.param_view(b.anchor), want[s.name]["anchor"].bfloat16()), s.name
+    assert state.held_count == held and state.steps == 6
