@@ -18,14 +18,20 @@ import torch
 from . import sharding
 
 
+# Wrappers whose `.module` is the model (matched by class name through the MRO, so
+# DeepSpeed need not be imported); a user module that merely has a child called `module`
+# is not one of them.
+_WRAPPERS = {"DistributedDataParallel", "DataParallel", "DeepSpeedEngine", "PipelineEngine"}
+
+
 def unwrap(model):
     """The modules ``model`` wraps, outermost first (``model`` itself included)."""
     chain = [model]
     for _ in range(16):
         children = getattr(model, "_modules", None) or {}
-        inner = children.get("_orig_mod")
-        if inner is None and set(children) == {"module"} and not model._parameters:
-            inner = children["module"]         # DDP, DataParallel, DeepSpeedEngine, ...
+        inner = children.get("_orig_mod")              # torch.compile's OptimizedModule
+        if inner is None and any(c.__name__ in _WRAPPERS for c in type(model).__mro__):
+            inner = children.get("module")
         if not isinstance(inner, torch.nn.Module):
             break
         chain.append(inner)
