@@ -177,6 +177,63 @@ def _ddp(rank: int, world: int, out: str) -> None:
                os.path.join(out, f"ddp-rank{rank}.pt"))
 
 
+def masked_local(state) -> list[tuple]:
+    """Per bucket: this process's masked elements of keep = 0 groups (from its Ω and the
+    global t_g), the live local weights and the anchors, flat."""
+    out = []
+    for b in state.buckets:
+        masked = torch.zeros(b.numel, dtype=torch.bool)
+        for g in range(state.num_groups):
+            lo, hi = b.group_range(g)
+            om = b.importance[lo:hi]
+            masked[lo:hi] = (om >= b.thresh[g]) & (om > 0)
+        live = torch.cat([sharding.local(s.param.detach()).reshape(-1) for s in b.slots])
+        out.append((masked, live, b.anchor))
+    return out
+
+
+def adamw_holds(model, inner, state, rank: int = 0, world: int = 1) -> dict:
+    """Two tasks of AdamW (default weight_decay=0.01, one optimiser) with the README order;
+    after every step of task two, count masked elements and those off their anchors."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    held = off = moved = 0
+    for task in range(TASKS):
+        for step in range(STEPS):
+            x, y = batch(task, step, rank, world)
+            opt.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(x), y).backward()
+            ak.masked_step(inner)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if task == 0:
+                continue
+            for masked, live, anchor in masked_local(state):
+                held += int(masked.sum())
+                off += int((live[masked] != anchor[masked]).sum())
+                moved += int((live[~masked] != anchor[~masked]).sum())
+        ak.consolidate(inner)
+    return {"held": held, "off": off, "moved": moved}
+
+
+def _holds(rank: int, world: int, out: str) -> None:
+    """The masks hold under AdamW through FSDP2 and through DDP wrapped before attach
+    (the order the HF Trainer uses), with masked_step called on the DDP wrapper."""
+    from torch.distributed.fsdp import fully_shard
+    model = ToyVLM(seed=0)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    state = ak.attach(model, config())
+    result = {"fsdp": adamw_holds(model, model, state, rank, world)}
+    model = ToyVLM(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = ak.attach(ddp, config())                 # attaches to ddp.module
+    result["ddp_attached_inner"] = ak.step.state_of(model) is state
+    result["ddp"] = adamw_holds(ddp, ddp, state, rank, world)
+    torch.save(result, os.path.join(out, f"holds-rank{rank}.pt"))
+
+
 def _thresholds(rank: int, world: int, out: str) -> None:
     """Global thresholds of a vector split unevenly over the processes, ties included."""
     gen = torch.Generator().manual_seed(7)
@@ -202,5 +259,6 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         _ddp(rank, world, out)
         _fsdp(rank, world, out)
         _fsdp_bad_input(rank, world, out)
+        _holds(rank, world, out)
     finally:
         torch.distributed.destroy_process_group()

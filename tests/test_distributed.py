@@ -30,8 +30,8 @@ def runs(tmp_path_factory):
     torch.multiprocessing.spawn(W.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD,
                                 join=True)
     load = lambda name, r: torch.load(out / f"{name}-rank{r}.pt", weights_only=False)  # noqa: E731
-    return {name: [load(name, r) for r in range(WORLD)] for name in ("thresholds", "ddp", "fsdp",
-                                                                  "fsdp_bad")}
+    return {name: [load(name, r) for r in range(WORLD)]
+            for name in ("thresholds", "ddp", "fsdp", "fsdp_bad", "holds")}
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,14 @@ def test_global_thresholds_c_is_zero_where_n_over_the_sum_overflows():
                                       normalize=True)
     assert c == [0.0, float(torch.tensor(1e37))], c
     assert t == [float("inf"), float(torch.tensor(1e-37))]
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_masks_hold_under_adamw(runs, kind):
+    """DESIGN.md 2.4 through FSDP2 shards and DDP: after every AdamW step (weight decay
+    0.01, one optimiser across tasks) each masked element equals its anchor, bitwise."""
+    results = [r[kind] for r in runs["holds"]]
+    assert all(r["off"] == 0 for r in results), results
+    assert sum(r["held"] for r in results) > 0 and all(r["moved"] > 0 for r in results)
+    if kind == "fsdp":                 # each shard held some of the masked elements
+        assert all(r["held"] > 0 for r in results), results
+    else:
+        assert all(r["ddp_attached_inner"] for r in runs["holds"])
