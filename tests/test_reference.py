@@ -406,7 +406,7 @@ def test_a_huge_gradient_leaves_a_finite_state(entry, accumulate, kind):
     """|g| = 1e20 made u = g*g and F infinite, consolidation made Omega infinite, the next
     task's c_g = n / inf = 0 and s = 0 * inf = NaN poisoned every gradient of the group.
     Now u, F, F_hat and Omega stop at the largest finite fp32."""
-    big = 3e38 if kind == "abs" else 1e20             # |g| overflows F + u only for "sum"
+    big = 3e38 if kind == "abs" else 1e20     # abs: u = |g| is finite, F + u overflows
     g = [big, -big, 1.0]
     F0 = [FP32_MAX, FP32_MAX, 0.0] if accumulate == "sum" else [0.0, 0.0, 0.0]
     kw = dict(beta=0.9, accumulate=accumulate, importance_kind=kind, directional=False)
@@ -425,7 +425,7 @@ def test_a_huge_gradient_leaves_a_finite_state(entry, accumulate, kind):
         want = [FP32_MAX, FP32_MAX, 1.0]
     assert bits(F).tolist() == bits(vec(want)).tolist(), F
 
-    # consolidate (F_hat = F * 10 overflows for ema: clamped), then the next task's step
+    # consolidate (F * 10 and Omega + F_hat overflow: clamped), then the next task's step
     theta, a = vec([0.5] * 3), vec([0.0] * 3)
     omega, fisher = vec([FP32_MAX, 0.0, 0.0]), F.clone()
     if entry == "oracle":
