@@ -120,6 +120,54 @@ def _fsdp(rank: int, world: int, out: str) -> None:
     torch.save(result, os.path.join(out, f"fsdp-rank{rank}.pt"))
 
 
+def _sharded(model):
+    from torch.distributed.fsdp import fully_shard
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def _fsdp_bad_input(rank: int, world: int, out: str) -> None:
+    """The README's FSDP2 bad input: a model mixing shards and plain parameters, and a DCP
+    checkpoint of another model. Each must raise, naming the culprit, and touch nothing."""
+    from torch.distributed.fsdp import fully_shard
+
+    from aim_kernels.integrations import distributed as dist_ckpt
+    result = {}
+
+    mixed = ToyVLM(seed=0)
+    fully_shard(mixed.vision[0])             # one layer sharded, the rest plain
+    before = {n: full(p.detach()).clone() for n, p in mixed.named_parameters()}
+    try:
+        ak.attach(mixed, config())
+        result["mixed_error"] = ""
+    except ValueError as exc:
+        result["mixed_error"] = str(exc)
+    result["mixed_untouched"] = all(torch.equal(before[n], full(p.detach()))
+                                    for n, p in mixed.named_parameters())
+    try:
+        ak.masked_step(mixed)
+        result["mixed_attached"] = True
+    except RuntimeError:
+        result["mixed_attached"] = False
+
+    bigger = _sharded(ToyVLM(seed=1, layers=3))    # another model: one more vision layer
+    state = ak.attach(bigger, config())
+    before = per_param_state(bigger, state)
+    try:
+        dist_ckpt.load(state, os.path.join(out, "fsdp-ckpt"))      # written by _fsdp
+        result["other_model_error"] = ""
+    except ValueError as exc:
+        result["other_model_error"] = str(exc)
+    after = per_param_state(bigger, state)
+    result["other_model_untouched"] = before.keys() == after.keys() and all(
+        torch.equal(before[k], after[k]) for k in before)
+    result["other_model_steps"] = (state.steps, state.steps_since_consolidation)
+    torch.save(result, os.path.join(out, f"fsdp_bad-rank{rank}.pt"))
+
+
 def _ddp(rank: int, world: int, out: str) -> None:
     model = ToyVLM(seed=0)
     state = ak.attach(model, config())       # attach first: DDP then sees the re-homed params
@@ -210,6 +258,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         _thresholds(rank, world, out)
         _ddp(rank, world, out)
         _fsdp(rank, world, out)
+        _fsdp_bad_input(rank, world, out)
         _holds(rank, world, out)
     finally:
         torch.distributed.destroy_process_group()
