@@ -57,6 +57,8 @@ def index(state) -> list[Hold]:
     """The holds of every bucket of ``state`` (one ``nonzero`` per bucket)."""
     holds = []
     for b in state.buckets:
+        if b.thresh is None or b.device.type == "meta":     # no thresholds / no data yet
+            continue
         idx = torch.nonzero(held_mask(state, b)).flatten()
         if idx.numel() == 0:
             continue

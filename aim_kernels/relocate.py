@@ -14,6 +14,7 @@ import torch
 
 @torch.no_grad()
 def move(state, *args, **kwargs) -> None:
+    from .binding import Binding
     from .state import AIMState
     if state.collectives is not None:
         raise NotImplementedError("state.to: an FSDP2-sharded model is moved by FSDP2 "
@@ -36,7 +37,7 @@ def move(state, *args, **kwargs) -> None:
     new.steps, new.steps_since_consolidation = state.steps, state.steps_since_consolidation
     new.refresh_thresholds()
     new.reindex_holds()
-    new._binding = state._binding
+    new._binding = Binding(model, new)
     # the same object keeps serving: callers and the optimiser hook hold references to it
     vars(state).clear()
     vars(state).update(vars(new))
