@@ -125,3 +125,24 @@ def test_state_dict_keeps_m_g_and_reads_version_1_by_recomputing():
     bad = dict(sd, **{"meta.version": torch.tensor([7])})
     with pytest.raises(ValueError, match="version 7"):
         other.load_state_dict(bad)
+
+
+def test_a_version_1_file_loads_with_m_g_recomputed(tmp_path):
+    from safetensors.torch import load_file, save_file
+    cfg = ak.AIMConfig(groups=toy_groups(), align_every=2, align_ratio=0.5)
+    state = ak.attach(ToyVLM(0), cfg)
+    path = tmp_path / "state.safetensors"
+    state.save(path)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    v1 = {k: v for k, v in load_file(str(path)).items() if not k.endswith(".align_m")}
+    v1["meta.version"] = torch.tensor([1])
+    old = tmp_path / "v1.safetensors"
+    save_file(v1, str(old), metadata=meta)
+    other = ak.attach(ToyVLM(0), cfg)
+    with torch.no_grad():
+        for b in other.buckets:
+            b.align_m.fill_(-1.0)
+    other.load(old)
+    assert all(torch.equal(b.align_m, ref.align_m) for b, ref in zip(other.buckets, state.buckets))
