@@ -59,48 +59,158 @@ inline void parallel_chunks(int64_t n, F&& f) {
 
 // ------------------------------------------------------------------ fused step
 
+// The stats are summed in fp32 lane partials, then in double: kLanes partials per
+// stat (one or two vector registers), each taking at most kTermsPerLane terms of a
+// block before it is added into the double sums. Any order of m fp32 additions errs by
+// at most (m - 1) 2^-24 of the sum of |terms|, so a stat differs from the reference's
+// double sum by at most 15 * 2^-24 (< 1e-6) of the sum of |terms| of its group, plus
+// the final rounding to fp32 (tests/cases.py STATS_ABS_RTOL). The fp32 partials keep
+// the loop in full-width vectors; double accumulators (half-width, with a conversion
+// per term) made it compute-bound. Counts are int32 per lane per block: exact.
+#if defined(__AVX2__)
+constexpr int kLanes = 8;      // one ymm register per stat
+#else
+constexpr int kLanes = 4;      // one xmm register per stat
+#endif
+constexpr int kTermsPerLane = 16;
+constexpr int64_t kBlock = int64_t(kLanes) * kTermsPerLane;
+
+// Per-lane fp32 partials and int32 counts of one block.
+struct BlockSums {
+  alignas(64) float part[5][kLanes];
+  alignas(64) int32_t count[2][kLanes];
+};
+
+// c ? x : y for a stored value. For the 16-bit types the choice is made with masks on
+// the bits: written as a select, GCC moved the conversion of the new value under a
+// branch and left the loop scalar.
+AIM_HD float pick(bool c, float x, float y) { return c ? x : y; }
+AIM_HD uint16_t pick_bits(bool c, uint16_t x, uint16_t y) {
+  const uint32_t mask = 0u - uint32_t(c);
+  return uint16_t(y ^ ((uint32_t(x) ^ y) & mask));
+}
+AIM_HD bf16_t pick(bool c, bf16_t x, bf16_t y) { return bf16_t{pick_bits(c, x.x, y.x)}; }
+AIM_HD f16_t pick(bool c, f16_t x, f16_t y) { return f16_t{pick_bits(c, x.x, y.x)}; }
+
+// Element i into lane l. The pointers come as __restrict arguments (a lambda capturing
+// them by reference lost that, and the loop was not vectorised).
 template <typename T, typename S>
-void step_segment(const StepArgs& a, const StepScalars& k, int64_t lo, int64_t hi, int64_t g,
-                  double* acc) {
+AIM_HD void step_one(T* __restrict grad, const T* __restrict param, const T* __restrict anchor,
+                     const S* __restrict imp, S* __restrict fisher, int64_t i, int l, const StepScalars& k, const GroupScalars& gs,
+                     BlockSums& b) {
+  const T g_raw = grad[i];
+  const S F_raw = fisher[i];
+  const StepOut o = step_element(load(g_raw), load(param[i]), load(anchor[i]), load(imp[i]),
+                                 load(F_raw), k, gs);
+  grad[i] = pick(o.finite, store<T>(o.g_out), g_raw);     // non-finite g: bit for bit
+  fisher[i] = pick(o.finite, store<S>(o.F_new), F_raw);
+  b.part[0][l] += o.grad_sq;
+  b.part[1][l] += o.out_sq;
+  b.part[2][l] += o.reg_sq;
+  b.part[3][l] += o.drift_sq;
+  b.part[4][l] += o.penalty;
+  b.count[0][l] += o.masked ? 1 : 0;
+  b.count[1][l] += o.finite ? 0 : 1;
+}
+
+// Elements [lo, lo + whole) of one block, whole a multiple of kLanes. A function of its
+// own: with this loop nest inside step_segment's, GCC 12 did not vectorise it.
+template <typename T, typename S, bool kEma, bool kFisher, bool kDirectional>
+__attribute__((noinline)) void step_block(T* __restrict grad, const T* __restrict param,
+                                          const T* __restrict anchor, const S* __restrict imp,
+                                          S* __restrict fisher, int64_t lo, int64_t whole,
+                                          float beta, float one_minus_beta,
+                                          const GroupScalars gs, BlockSums& bs) {
+  const StepScalars k{beta, one_minus_beta, kEma, kFisher, kDirectional};
+  for (int64_t j = 0; j < whole; j += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l)
+      step_one(grad, param, anchor, imp, fisher, lo + j + l, l, k, gs, bs);
+  }
+}
+
+template <typename T, typename S, bool kEma, bool kFisher, bool kDirectional>
+void step_segment(const StepArgs& a, const StepScalars& scalars, int64_t lo, int64_t hi,
+                  int64_t g, double* acc) {
   T* __restrict grad = static_cast<T*>(a.grad);
   const T* __restrict param = static_cast<const T*>(a.param);
   const T* __restrict anchor = static_cast<const T*>(a.anchor);
   const S* __restrict imp = static_cast<const S*>(a.importance);
   S* __restrict fisher = static_cast<S*>(a.fisher);
+  // The flags as constants and the scalars as locals (which the stores through `grad`
+  // cannot alias): with them read through a reference every element, the loop stayed
+  // scalar, with branches.
+  const StepScalars k{scalars.beta, scalars.one_minus_beta, kEma, kFisher, kDirectional};
   const GroupScalars gs{a.inv_scale[g], a.thresh[g], a.keep[g], a.lam[g], 0.5f * a.lam[g]};
-  double grad_sq = 0, out_sq = 0, reg_sq = 0, drift_sq = 0, penalty = 0;
+  double sums[5] = {0, 0, 0, 0, 0};
   int64_t masked = 0, nonfinite = 0;
-#pragma omp simd reduction(+ : grad_sq, out_sq, reg_sq, drift_sq, penalty, masked, nonfinite)
-  for (int64_t i = lo; i < hi; ++i) {
-    const T g_raw = grad[i];
-    const S F_raw = fisher[i];
-    const StepOut o = step_element(load(g_raw), load(param[i]), load(anchor[i]), load(imp[i]),
-                                   load(F_raw), k, gs);
-    grad[i] = o.finite ? store<T>(o.g_out) : g_raw;     // non-finite g: bit for bit
-    fisher[i] = o.finite ? store<S>(o.F_new) : F_raw;
-    grad_sq += double(o.grad_sq);
-    out_sq += double(o.out_sq);
-    reg_sq += double(o.reg_sq);
-    drift_sq += double(o.drift_sq);
-    penalty += double(o.penalty);
-    masked += o.masked ? 1 : 0;
-    nonfinite += o.finite ? 0 : 1;
+  T g_in[kBlock];
+  for (int64_t b = lo; b < hi; b += kBlock) {
+    const int64_t n = std::min(kBlock, hi - b);
+    BlockSums bs = {};
+    // The block's g as read, for the double re-sum below (a separate copy: a store of
+    // it inside the loop below kept GCC from vectorising that loop).
+    std::memcpy(g_in, grad + b, size_t(n) * sizeof(T));
+    const int64_t whole = n - n % kLanes;
+    step_block<T, S, kEma, kFisher, kDirectional>(grad, param, anchor, imp, fisher, b, whole,
+                                                  k.beta, k.one_minus_beta, gs, bs);
+    for (int64_t j = whole; j < n; ++j)
+      step_one(grad, param, anchor, imp, fisher, b + j, int(j - whole), k, gs, bs);
+    bool finite = true;
+    for (int s = 0; s < 5; ++s)
+      for (int l = 0; l < kLanes; ++l) finite &= is_finite(bs.part[s][l]);
+    if (finite) {
+      for (int s = 0; s < 5; ++s)
+        for (int l = 0; l < kLanes; ++l) sums[s] += double(bs.part[s][l]);
+    } else {
+      // An inf/NaN term, or an fp32 partial that overflowed where the double sum may
+      // not (huge penalty terms of both signs): the block's terms again, in double,
+      // as the reference sums them. The terms do not depend on F.
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = b + j;
+        const StepOut o = step_element(load(g_in[j]), load(param[i]), load(anchor[i]),
+                                       load(imp[i]), 0.0f, k, gs);
+        sums[0] += double(o.grad_sq);
+        sums[1] += double(o.out_sq);
+        sums[2] += double(o.reg_sq);
+        sums[3] += double(o.drift_sq);
+        sums[4] += double(o.penalty);
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      masked += bs.count[0][l];
+      nonfinite += bs.count[1][l];
+    }
   }
   double* s = acc + g * 7;
-  s[0] += grad_sq; s[1] += out_sq; s[2] += reg_sq; s[3] += drift_sq; s[4] += penalty;
+  for (int j = 0; j < 5; ++j) s[j] += sums[j];
   s[5] += double(masked); s[6] += double(nonfinite);
+}
+
+template <typename T, typename S>
+using SegmentFn = void (*)(const StepArgs&, const StepScalars&, int64_t, int64_t, int64_t, double*);
+
+template <typename T, typename S>
+SegmentFn<T, S> segment_fn(bool ema, bool fisher, bool directional) {
+  static constexpr SegmentFn<T, S> table[8] = {
+      step_segment<T, S, false, false, false>, step_segment<T, S, false, false, true>,
+      step_segment<T, S, false, true, false>,  step_segment<T, S, false, true, true>,
+      step_segment<T, S, true, false, false>,  step_segment<T, S, true, false, true>,
+      step_segment<T, S, true, true, false>,   step_segment<T, S, true, true, true>};
+  return table[(ema ? 4 : 0) + (fisher ? 2 : 0) + (directional ? 1 : 0)];
 }
 
 template <typename T, typename S>
 void fused_step_impl(const StepArgs& a) {
   const StepScalars k{float(a.beta), float(1.0 - a.beta), a.ema, a.fisher_kind, a.directional};
+  const SegmentFn<T, S> segment = segment_fn<T, S>(a.ema, a.fisher_kind, a.directional);
   const int threads = cpu_threads();
   const int64_t G = a.groups;
   std::fill(a.scratch, a.scratch + int64_t(threads) * G * 7, 0.0);
   parallel_chunks(a.n, [&](int t, int64_t lo, int64_t hi) {
     double* acc = a.scratch + int64_t(t) * G * 7;
     for_segments(a.offsets, G, lo, hi, [&](int64_t s, int64_t e, int64_t g) {
-      step_segment<T, S>(a, k, s, e, g, acc);
+      segment(a, k, s, e, g, acc);
     });
   });
   for (int64_t j = 0; j < G * 7; ++j) {
