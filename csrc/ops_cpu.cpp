@@ -59,32 +59,45 @@ inline void parallel_chunks(int64_t n, F&& f) {
 
 // ------------------------------------------------------------------ fused step
 
-// The stats are summed in fp32 lane partials, then in double: kLanes partials per
-// stat (one or two vector registers), each taking at most kTermsPerLane terms of a
-// block before it is added into the double sums. Any order of m fp32 additions errs by
-// at most (m - 1) 2^-24 of the sum of |terms|, so a stat differs from the reference's
-// double sum by at most 15 * 2^-24 (< 1e-6) of the sum of |terms| of its group, plus
-// the final rounding to fp32 (tests/cases.py STATS_ABS_RTOL). The fp32 partials keep
-// the loop in full-width vectors; double accumulators (half-width, with a conversion
-// per term) made it compute-bound. Counts are int32 per lane per block: exact.
-#if defined(__AVX2__)
-constexpr int kLanes = 8;      // one ymm register per stat
-#else
-constexpr int kLanes = 4;      // one xmm register per stat
-#endif
+// The stats are summed in fp32 lane partials, then in double: Lanes partials per stat,
+// each taking at most kTermsPerLane terms of a block before it is added into the
+// double sums. Any order of m fp32 additions errs by at most (m - 1) 2^-24 of the sum
+// of |terms|, so a stat differs from the reference's double sum by at most
+// 15 * 2^-24 (< 1e-6) of the sum of |terms| of its group, plus the final rounding to
+// fp32 (tests/cases.py STATS_ABS_RTOL). The fp32 partials keep the loop in full-width
+// vectors; double accumulators (half-width, a conversion per term) made it compute-bound.
+// Counts are int32 per lane per block: exact.
 constexpr int kTermsPerLane = 16;
-constexpr int64_t kBlock = int64_t(kLanes) * kTermsPerLane;
+#if defined(__AVX512F__)
+constexpr int kVectorFloats = 16;
+#elif defined(__AVX2__)
+constexpr int kVectorFloats = 8;
+#else
+constexpr int kVectorFloats = 4;
+#endif
+
+// Lanes per loop step: one vector of fp32, or two when g, theta, a or the state are
+// 16-bit, so that those load and store whole vectors (with one, GCC split the fp32
+// math into half-width vectors to match the 16-bit ones).
+template <typename T, typename S>
+constexpr int lanes_of() {
+  return (sizeof(T) == 4 && sizeof(S) == 4) ? kVectorFloats : 2 * kVectorFloats;
+}
 
 // Per-lane fp32 partials and int32 counts of one block.
+template <int Lanes>
 struct BlockSums {
-  alignas(64) float part[5][kLanes];
-  alignas(64) int32_t count[2][kLanes];
+  alignas(64) float part[5][Lanes];
+  alignas(64) int32_t count[2][Lanes];
 };
 
 // c ? x : y for a stored value. For the 16-bit types the choice is made with masks on
 // the bits: written as a select, GCC moved the conversion of the new value under a
 // branch and left the loop scalar.
-AIM_HD float pick(bool c, float x, float y) { return c ? x : y; }
+AIM_HD float pick(bool c, float x, float y) {
+  const uint32_t mask = 0u - uint32_t(c);
+  return u2f(f2u(y) ^ ((f2u(x) ^ f2u(y)) & mask));
+}
 AIM_HD uint16_t pick_bits(bool c, uint16_t x, uint16_t y) {
   const uint32_t mask = 0u - uint32_t(c);
   return uint16_t(y ^ ((uint32_t(x) ^ y) & mask));
@@ -94,10 +107,10 @@ AIM_HD f16_t pick(bool c, f16_t x, f16_t y) { return f16_t{pick_bits(c, x.x, y.x
 
 // Element i into lane l. The pointers come as __restrict arguments (a lambda capturing
 // them by reference lost that, and the loop was not vectorised).
-template <typename T, typename S>
+template <int Lanes, typename T, typename S>
 AIM_HD void step_one(T* __restrict grad, const T* __restrict param, const T* __restrict anchor,
                      const S* __restrict imp, S* __restrict fisher, int64_t i, int l, const StepScalars& k, const GroupScalars& gs,
-                     BlockSums& b) {
+                     BlockSums<Lanes>& b) {
   const T g_raw = grad[i];
   const S F_raw = fisher[i];
   const StepOut o = step_element(load(g_raw), load(param[i]), load(anchor[i]), load(imp[i]),
@@ -113,20 +126,26 @@ AIM_HD void step_one(T* __restrict grad, const T* __restrict param, const T* __r
   b.count[1][l] += o.finite ? 0 : 1;
 }
 
-// Elements [lo, lo + whole) of one block, whole a multiple of kLanes. A function of its
-// own: with this loop nest inside step_segment's, GCC 12 did not vectorise it.
+// Elements [lo, lo + whole) of one block, whole a multiple of Lanes. A function of its
+// own: with this loop nest inside step_segment's, GCC 12 did not vectorise it. The
+// partials are locals for the loop (through the reference they went to memory and
+// back every iteration).
 template <typename T, typename S, bool kEma, bool kFisher, bool kDirectional>
 __attribute__((noinline)) void step_block(T* __restrict grad, const T* __restrict param,
                                           const T* __restrict anchor, const S* __restrict imp,
                                           S* __restrict fisher, int64_t lo, int64_t whole,
                                           float beta, float one_minus_beta,
-                                          const GroupScalars gs, BlockSums& bs) {
+                                          const GroupScalars gs,
+                                          BlockSums<lanes_of<T, S>()>& out) {
+  constexpr int Lanes = lanes_of<T, S>();
   const StepScalars k{beta, one_minus_beta, kEma, kFisher, kDirectional};
-  for (int64_t j = 0; j < whole; j += kLanes) {
+  BlockSums<Lanes> bs = {};
+  for (int64_t j = 0; j < whole; j += Lanes) {
 #pragma omp simd
-    for (int l = 0; l < kLanes; ++l)
-      step_one(grad, param, anchor, imp, fisher, lo + j + l, l, k, gs, bs);
+    for (int l = 0; l < Lanes; ++l)
+      step_one<Lanes>(grad, param, anchor, imp, fisher, lo + j + l, l, k, gs, bs);
   }
+  out = bs;
 }
 
 template <typename T, typename S, bool kEma, bool kFisher, bool kDirectional>
@@ -144,24 +163,26 @@ void step_segment(const StepArgs& a, const StepScalars& scalars, int64_t lo, int
   const GroupScalars gs{a.inv_scale[g], a.thresh[g], a.keep[g], a.lam[g], 0.5f * a.lam[g]};
   double sums[5] = {0, 0, 0, 0, 0};
   int64_t masked = 0, nonfinite = 0;
+  constexpr int Lanes = lanes_of<T, S>();
+  constexpr int64_t kBlock = int64_t(Lanes) * kTermsPerLane;
   T g_in[kBlock];
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int64_t n = std::min(kBlock, hi - b);
-    BlockSums bs = {};
+    BlockSums<Lanes> bs;
     // The block's g as read, for the double re-sum below (a separate copy: a store of
     // it inside the loop below kept GCC from vectorising that loop).
     std::memcpy(g_in, grad + b, size_t(n) * sizeof(T));
-    const int64_t whole = n - n % kLanes;
+    const int64_t whole = n - n % Lanes;
     step_block<T, S, kEma, kFisher, kDirectional>(grad, param, anchor, imp, fisher, b, whole,
                                                   k.beta, k.one_minus_beta, gs, bs);
     for (int64_t j = whole; j < n; ++j)
-      step_one(grad, param, anchor, imp, fisher, b + j, int(j - whole), k, gs, bs);
+      step_one<Lanes>(grad, param, anchor, imp, fisher, b + j, int(j - whole), k, gs, bs);
     bool finite = true;
     for (int s = 0; s < 5; ++s)
-      for (int l = 0; l < kLanes; ++l) finite &= is_finite(bs.part[s][l]);
+      for (int l = 0; l < Lanes; ++l) finite &= is_finite(bs.part[s][l]);
     if (finite) {
       for (int s = 0; s < 5; ++s)
-        for (int l = 0; l < kLanes; ++l) sums[s] += double(bs.part[s][l]);
+        for (int l = 0; l < Lanes; ++l) sums[s] += double(bs.part[s][l]);
     } else {
       // An inf/NaN term, or an fp32 partial that overflowed where the double sum may
       // not (huge penalty terms of both signs): the block's terms again, in double,
@@ -177,7 +198,7 @@ void step_segment(const StepArgs& a, const StepScalars& scalars, int64_t lo, int
         sums[4] += double(o.penalty);
       }
     }
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < Lanes; ++l) {
       masked += bs.count[0][l];
       nonfinite += bs.count[1][l];
     }
