@@ -64,7 +64,7 @@ inline void parallel_chunks(int64_t n, F&& f) {
 // double sums. Any order of m fp32 additions errs by at most (m - 1) 2^-24 of the sum
 // of |terms|, so a stat differs from the reference's double sum by at most
 // 15 * 2^-24 (< 1e-6) of the sum of |terms| of its group, plus the final rounding to
-// fp32 (tests/cases.py STATS_ABS_RTOL). The fp32 partials keep the loop in full-width
+// fp32 (tests/test_native.py STATS_ABS_RTOL). The fp32 partials keep the loop in full-width
 // vectors; double accumulators (half-width, a conversion per term) made it compute-bound.
 // Counts are int32 per lane per block: exact.
 constexpr int kTermsPerLane = 16;
