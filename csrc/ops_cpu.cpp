@@ -17,6 +17,11 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "aim_math.h"
 #include "ops.h"
@@ -243,24 +248,127 @@ void fused_step_impl(const StepArgs& a) {
 
 // ------------------------------------------------------------------ radix select
 
-// Exact k-th largest |x| of x[0, n) as fp32 bits, 1 <= k <= n. `hist` holds
-// threads x kBins counters.
+// One thread's histogram of [lo, hi) for one pass, added into `h` (int64, kBins), and
+// for pass 0 with `sum` (the group's sum for c_g, DESIGN.md 2: one pass fewer than a
+// separate sum) the sum of the values in double.
+//
+// Pass 0 counts every element: four uint32 sub-histograms, one per element of an
+// unrolled four, so that equal digits in a row (the values of a group cluster in few
+// bins) do not wait on each other's read-modify-write through memory. Passes 1 and 2
+// count only the elements that share the digits fixed so far, usually a few percent:
+// the prefix test runs on whole vectors of fp32 bits and only the matches are counted.
+constexpr int kSub = 4;
+constexpr int64_t kSlice = int64_t(1) << 30;    // elements per flush: uint32 counts stay exact
+
 template <typename T>
-uint32_t kth_largest_bits(const T* x, int64_t n, int64_t k, int64_t* hist) {
+void histogram_range(const T* __restrict x, int64_t lo, int64_t hi, int pass, uint32_t prefix,
+                     int64_t* __restrict h, double* sum) {
+  alignas(64) uint32_t sub[kSub][select::kBins];
+  double s[1] = {0};
+  for (int64_t base = lo; base < hi; base += kSlice) {
+    const int64_t end = std::min(hi, base + kSlice);
+    std::memset(sub, 0, sizeof(sub));
+    int64_t i = base;
+    if (pass == 0) {
+      // the sum in a vectorised loop of its own over each L1-sized block just counted
+      constexpr int64_t kL1 = 2048;
+      for (; i < end; i += kL1) {
+        const int64_t e = std::min(end, i + kL1);
+        int64_t j = i;
+        for (; j + kSub <= e; j += kSub)
+          for (int u = 0; u < kSub; ++u) ++sub[u][select::digit_of(abs_bits(load(x[j + u])), 0)];
+        for (; j < e; ++j) ++sub[0][select::digit_of(abs_bits(load(x[j])), 0)];
+        if (sum) {
+          double block = 0;
+#pragma omp simd reduction(+ : block)
+          for (j = i; j < e; ++j) block += double(load(x[j]));
+          s[0] += block;
+        }
+      }
+    } else {
+      const int shift = select::shift_of(pass) + 10;
+      const uint32_t want = prefix >> shift;
+      const auto count = [&](int64_t j) {
+        const uint32_t bits = abs_bits(load(x[j]));
+        if ((bits >> shift) == want) ++sub[0][select::digit_of(bits, pass)];
+      };
+#if defined(__SSE2__)
+      if constexpr (std::is_same_v<T, float>) {
+#if defined(__AVX512F__)
+        constexpr int W = 16;
+        const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), w = _mm512_set1_epi32(int(want));
+        const __m128i sh = _mm_cvtsi32_si128(shift);
+        for (; i + W <= end; i += W) {
+          const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + i), mag);
+          uint32_t m = _mm512_cmpeq_epi32_mask(_mm512_srl_epi32(v, sh), w);
+          for (; m; m &= m - 1) count(i + __builtin_ctz(m));
+        }
+#elif defined(__AVX2__)
+        constexpr int W = 8;
+        const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), w = _mm256_set1_epi32(int(want));
+        const __m128i sh = _mm_cvtsi32_si128(shift);
+        for (; i + W <= end; i += W) {
+          const __m256i v = _mm256_and_si256(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), mag);
+          uint32_t m = uint32_t(_mm256_movemask_ps(
+              _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srl_epi32(v, sh), w))));
+          for (; m; m &= m - 1) count(i + __builtin_ctz(m));
+        }
+#else
+        constexpr int W = 4;
+        const __m128i mag = _mm_set1_epi32(0x7FFFFFFF), w = _mm_set1_epi32(int(want));
+        const __m128i sh = _mm_cvtsi32_si128(shift);
+        for (; i + W <= end; i += W) {
+          const __m128i v = _mm_and_si128(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)), mag);
+          uint32_t m = uint32_t(_mm_movemask_ps(
+              _mm_castsi128_ps(_mm_cmpeq_epi32(_mm_srl_epi32(v, sh), w))));
+          for (; m; m &= m - 1) count(i + __builtin_ctz(m));
+        }
+#endif
+      }
+#endif
+      for (; i < end; ++i) count(i);
+    }
+    for (int u = 0; u < kSub; ++u)
+      for (int b = 0; b < select::kBins; ++b) h[b] += sub[u][b];
+  }
+  if (sum) *sum = s[0];
+}
+
+// Histograms of x[0, n) for one pass, one contiguous range per thread, summed into
+// hist[0, kBins). `sums` (per thread, pass 0 only; may be null) gets each range's sum.
+template <typename T>
+void histogram(const T* x, int64_t n, int pass, uint32_t prefix, int64_t* hist, double* sums) {
+  const int threads = cpu_threads();
+  std::fill(hist, hist + int64_t(threads) * select::kBins, int64_t(0));
+  if (sums) std::fill(sums, sums + threads, 0.0);
+#pragma omp parallel num_threads(threads) if (n >= kSerialBelow)
+  {
+    const int t = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t lo = n * t / team, hi = n * (t + 1) / team;
+    histogram_range(x, lo, hi, pass, prefix, hist + int64_t(t) * select::kBins,
+                    sums ? sums + t : nullptr);
+  }
+  for (int t = 1; t < threads; ++t)
+    for (int b = 0; b < select::kBins; ++b) hist[b] += hist[int64_t(t) * select::kBins + b];
+}
+
+// Exact k-th largest |x| of x[0, n) as fp32 bits, 1 <= k <= n; with `sum`, also the
+// sum of x (taken in the first pass). `hist` holds threads x kBins counters, `sums`
+// threads doubles.
+template <typename T>
+uint32_t kth_largest_bits(const T* x, int64_t n, int64_t k, int64_t* hist, double* sums,
+                          double* sum) {
   const int threads = cpu_threads();
   select::State st{0u, k};
   for (int pass = 0; pass < select::kPasses; ++pass) {
-    std::fill(hist, hist + int64_t(threads) * select::kBins, int64_t(0));
-    const uint32_t prefix = st.prefix;
-    parallel_chunks(n, [&](int t, int64_t lo, int64_t hi) {
-      int64_t* h = hist + int64_t(t) * select::kBins;
-      for (int64_t i = lo; i < hi; ++i) {
-        const uint32_t bits = abs_bits(load(x[i]));
-        if (select::in_prefix(bits, prefix, pass)) ++h[select::digit_of(bits, pass)];
-      }
-    });
-    for (int t = 1; t < threads; ++t)
-      for (int b = 0; b < select::kBins; ++b) hist[b] += hist[int64_t(t) * select::kBins + b];
+    histogram(x, n, pass, st.prefix, hist, pass == 0 && sum ? sums : nullptr);
+    if (pass == 0 && sum) {
+      double total = 0;
+      for (int t = 0; t < threads; ++t) total += sums[t];
+      *sum = total;
+    }
     select::walk(st, pass, [&](int d) { return hist[d]; });
   }
   return st.prefix;
@@ -280,16 +388,19 @@ template <typename T>
 void thresholds_impl(const ThresholdArgs& a) {
   const T* x = static_cast<const T*>(a.importance);
   int64_t* hist = static_cast<int64_t*>(a.scratch);
+  double* sums = reinterpret_cast<double*>(hist + int64_t(cpu_threads()) * select::kBins);
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t lo = a.offsets[g], n = a.offsets[g + 1] - lo;
     const int64_t k = n ? select::kth_count(a.ratios ? a.ratios[g] : a.ratio, n) : 0;
     if (k > n) throw std::invalid_argument("k-th largest: k exceeds the group's size");
-    const uint32_t bits = k > 0 ? kth_largest_bits(x + lo, n, k, hist) : 0u;
+    double total = 0;
+    const bool want_sum = a.inv_scale && a.normalize && n > 0;
+    const uint32_t bits =
+        k > 0 ? kth_largest_bits(x + lo, n, k, hist, sums, want_sum ? &total : nullptr) : 0u;
+    if (want_sum && k <= 0) total = sum_of(x + lo, n);
     a.thresh[g] = select::result(bits, k <= 0);
-    if (a.inv_scale) {
-      const double total = n ? sum_of(x + lo, n) : 0.0;
+    if (a.inv_scale)
       a.inv_scale[g] = !a.normalize ? 1.0f : (total > 0 ? float(double(n) / total) : 0.0f);
-    }
   }
 }
 

@@ -77,8 +77,8 @@ void set_cpu_isa(const std::string& name) {
 
 int cpu_threads() { return std::max(1, omp_get_max_threads()); }
 
-size_t cpu_threshold_scratch_bytes(int64_t) {
-  return size_t(cpu_threads()) * select::kBins * sizeof(int64_t);
+size_t cpu_threshold_scratch_bytes(int64_t) {   // per thread: a histogram and a sum
+  return size_t(cpu_threads()) * (select::kBins * sizeof(int64_t) + sizeof(double));
 }
 
 // One string comparison per call: nothing next to the pass over the data.
