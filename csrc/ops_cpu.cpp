@@ -259,10 +259,22 @@ void fused_step_impl(const StepArgs& a) {
 // the prefix test runs on whole vectors of fp32 bits and only the matches are counted.
 constexpr int kSub = 4;
 constexpr int64_t kSlice = int64_t(1) << 30;    // elements per flush: uint32 counts stay exact
+constexpr int64_t kSmallRange = int64_t(1) << 14;
 
 template <typename T>
 void histogram_range(const T* __restrict x, int64_t lo, int64_t hi, int pass, uint32_t prefix,
                      int64_t* __restrict h, double* sum) {
+  if (hi - lo < kSmallRange) {      // a small group: no sub-histograms to clear and flush
+    double total = 0;
+    for (int64_t i = lo; i < hi; ++i) {
+      const float v = load(x[i]);
+      const uint32_t bits = abs_bits(v);
+      if (select::in_prefix(bits, prefix, pass)) ++h[select::digit_of(bits, pass)];
+      total += double(v);
+    }
+    if (sum) *sum += total;
+    return;
+  }
   alignas(64) uint32_t sub[kSub][select::kBins];
   double s[1] = {0};
   for (int64_t base = lo; base < hi; base += kSlice) {
@@ -295,14 +307,28 @@ void histogram_range(const T* __restrict x, int64_t lo, int64_t hi, int pass, ui
 #if defined(__SSE2__)
       if constexpr (std::is_same_v<T, float>) {
 #if defined(__AVX512F__)
-        constexpr int W = 16;
+        // The matches' bits are compressed into a buffer (no branch per vector, whose
+        // outcome is a coin toss when a few percent of the elements match), then counted.
+        constexpr int W = 16, kBuf = 1024;
+        alignas(64) uint32_t buf[kBuf + W];
+        int used = 0;
+        const auto flush = [&] {
+          int j = 0;
+          for (; j + kSub <= used; j += kSub)
+            for (int u = 0; u < kSub; ++u) ++sub[u][select::digit_of(buf[j + u], pass)];
+          for (; j < used; ++j) ++sub[0][select::digit_of(buf[j], pass)];
+          used = 0;
+        };
         const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), w = _mm512_set1_epi32(int(want));
         const __m128i sh = _mm_cvtsi32_si128(shift);
         for (; i + W <= end; i += W) {
           const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + i), mag);
-          uint32_t m = _mm512_cmpeq_epi32_mask(_mm512_srl_epi32(v, sh), w);
-          for (; m; m &= m - 1) count(i + __builtin_ctz(m));
+          const __mmask16 m = _mm512_cmpeq_epi32_mask(_mm512_srl_epi32(v, sh), w);
+          _mm512_storeu_si512(buf + used, _mm512_maskz_compress_epi32(m, v));
+          used += __builtin_popcount(uint32_t(m));
+          if (used >= kBuf) flush();
         }
+        flush();
 #elif defined(__AVX2__)
         constexpr int W = 8;
         const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF), w = _mm256_set1_epi32(int(want));
@@ -333,74 +359,65 @@ void histogram_range(const T* __restrict x, int64_t lo, int64_t hi, int pass, ui
     for (int u = 0; u < kSub; ++u)
       for (int b = 0; b < select::kBins; ++b) h[b] += sub[u][b];
   }
-  if (sum) *sum = s[0];
+  if (sum) *sum += s[0];
 }
 
-// Histograms of x[0, n) for one pass, one contiguous range per thread, summed into
-// hist[0, kBins). `sums` (per thread, pass 0 only; may be null) gets each range's sum.
-template <typename T>
-void histogram(const T* x, int64_t n, int pass, uint32_t prefix, int64_t* hist, double* sums) {
-  const int threads = cpu_threads();
-  std::fill(hist, hist + int64_t(threads) * select::kBins, int64_t(0));
-  if (sums) std::fill(sums, sums + threads, 0.0);
-#pragma omp parallel num_threads(threads) if (n >= kSerialBelow)
-  {
-    const int t = omp_get_thread_num(), team = omp_get_num_threads();
-    const int64_t lo = n * t / team, hi = n * (t + 1) / team;
-    histogram_range(x, lo, hi, pass, prefix, hist + int64_t(t) * select::kBins,
-                    sums ? sums + t : nullptr);
-  }
-  for (int t = 1; t < threads; ++t)
-    for (int b = 0; b < select::kBins; ++b) hist[b] += hist[int64_t(t) * select::kBins + b];
-}
-
-// Exact k-th largest |x| of x[0, n) as fp32 bits, 1 <= k <= n; with `sum`, also the
-// sum of x (taken in the first pass). `hist` holds threads x kBins counters, `sums`
-// threads doubles.
-template <typename T>
-uint32_t kth_largest_bits(const T* x, int64_t n, int64_t k, int64_t* hist, double* sums,
-                          double* sum) {
-  const int threads = cpu_threads();
-  select::State st{0u, k};
-  for (int pass = 0; pass < select::kPasses; ++pass) {
-    histogram(x, n, pass, st.prefix, hist, pass == 0 && sum ? sums : nullptr);
-    if (pass == 0 && sum) {
-      double total = 0;
-      for (int t = 0; t < threads; ++t) total += sums[t];
-      *sum = total;
-    }
-    select::walk(st, pass, [&](int d) { return hist[d]; });
-  }
-  return st.prefix;
-}
-
-template <typename T>
-double sum_of(const T* x, int64_t n) {
-  double total = 0;
-  const int threads = cpu_threads();
-#pragma omp parallel for simd reduction(+ : total) schedule(static) num_threads(threads) \
-    if (n >= kSerialBelow)
-  for (int64_t i = 0; i < n; ++i) total += double(load(x[i]));
-  return total;
-}
-
+// The k-th largest |x| of every group at once (DESIGN.md 2): three passes over the whole
+// buffer, one parallel region each (a region per group and pass cost a wake-up of the
+// team, and on a busy machine a wait for a descheduled thread, each time). Each thread
+// takes one contiguous range and keeps one histogram per group it meets; between passes
+// the histograms are summed over the threads and each group's select walks its own.
+// The group sums for c_g are taken in the first pass. Scratch (cpu_threshold_scratch_bytes):
+// threads x G x kBins int64 counts, threads x G double sums, G select states.
 template <typename T>
 void thresholds_impl(const ThresholdArgs& a) {
   const T* x = static_cast<const T*>(a.importance);
+  const int threads = cpu_threads();
+  const int64_t G = a.groups, rows = int64_t(threads) * G;
   int64_t* hist = static_cast<int64_t*>(a.scratch);
-  double* sums = reinterpret_cast<double*>(hist + int64_t(cpu_threads()) * select::kBins);
-  for (int64_t g = 0; g < a.groups; ++g) {
-    const int64_t lo = a.offsets[g], n = a.offsets[g + 1] - lo;
+  double* sums = reinterpret_cast<double*>(hist + rows * select::kBins);
+  select::State* st = reinterpret_cast<select::State*>(sums + rows);
+  const bool want_sum = a.inv_scale && a.normalize;
+  bool any = false;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = a.offsets[g + 1] - a.offsets[g];
     const int64_t k = n ? select::kth_count(a.ratios ? a.ratios[g] : a.ratio, n) : 0;
     if (k > n) throw std::invalid_argument("k-th largest: k exceeds the group's size");
-    double total = 0;
-    const bool want_sum = a.inv_scale && a.normalize && n > 0;
-    const uint32_t bits =
-        k > 0 ? kth_largest_bits(x + lo, n, k, hist, sums, want_sum ? &total : nullptr) : 0u;
-    if (want_sum && k <= 0) total = sum_of(x + lo, n);
-    a.thresh[g] = select::result(bits, k <= 0);
-    if (a.inv_scale)
+    st[g] = select::State{0u, k};
+    any = any || k > 0;
+  }
+  std::fill(sums, sums + rows, 0.0);
+  for (int pass = 0; pass < select::kPasses && (any || (pass == 0 && want_sum)); ++pass) {
+    std::fill(hist, hist + rows * select::kBins, int64_t(0));
+    const bool with_sum = pass == 0 && want_sum;
+#pragma omp parallel num_threads(threads) if (a.n >= kSerialBelow)
+    {
+      const int t = omp_get_thread_num(), team = omp_get_num_threads();
+      const int64_t lo = a.n * t / team, hi = a.n * (t + 1) / team;
+      if (lo < hi)
+        for_segments(a.offsets, G, lo, hi, [&](int64_t s, int64_t e, int64_t g) {
+          if (st[g].remaining <= 0 && !with_sum) return;   // k = 0: nothing to select
+          histogram_range(x, s, e, pass, st[g].prefix, hist + (t * G + g) * select::kBins,
+                          with_sum ? sums + t * G + g : nullptr);
+        });
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      if (st[g].remaining <= 0) continue;
+      int64_t* h = hist + g * select::kBins;
+      for (int t = 1; t < threads; ++t)
+        for (int b = 0; b < select::kBins; ++b) h[b] += hist[(t * G + g) * select::kBins + b];
+      select::walk(st[g], pass, [&](int d) { return h[d]; });
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = a.offsets[g + 1] - a.offsets[g];
+    const bool k_is_zero = n == 0 || select::kth_count(a.ratios ? a.ratios[g] : a.ratio, n) <= 0;
+    a.thresh[g] = select::result(st[g].prefix, k_is_zero);
+    if (a.inv_scale) {
+      double total = 0;
+      for (int t = 0; t < threads; ++t) total += sums[t * G + g];
       a.inv_scale[g] = !a.normalize ? 1.0f : (total > 0 ? float(double(n) / total) : 0.0f);
+    }
   }
 }
 

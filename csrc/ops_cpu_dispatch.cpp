@@ -77,8 +77,11 @@ void set_cpu_isa(const std::string& name) {
 
 int cpu_threads() { return std::max(1, omp_get_max_threads()); }
 
-size_t cpu_threshold_scratch_bytes(int64_t) {   // per thread: a histogram and a sum
-  return size_t(cpu_threads()) * (select::kBins * sizeof(int64_t) + sizeof(double));
+// Per thread and group a histogram and a sum; per group a select state (ops_cpu.cpp).
+size_t cpu_threshold_scratch_bytes(int64_t groups) {
+  const size_t g = size_t(std::max<int64_t>(groups, 1));
+  return size_t(cpu_threads()) * g * (select::kBins * sizeof(int64_t) + sizeof(double)) +
+         g * sizeof(select::State);
 }
 
 // One string comparison per call: nothing next to the pass over the data.
