@@ -416,7 +416,7 @@ void thresholds_impl(const ThresholdArgs& a) {
     if (a.inv_scale) {
       double total = 0;
       for (int t = 0; t < threads; ++t) total += sums[t * G + g];
-      a.inv_scale[g] = !a.normalize ? 1.0f : (total > 0 ? float(double(n) / total) : 0.0f);
+      a.inv_scale[g] = inv_scale_of(double(n), total, a.normalize);
     }
   }
 }
