@@ -114,21 +114,23 @@ AIM_HD f16_t pick(bool c, f16_t x, f16_t y) { return f16_t{pick_bits(c, x.x, y.x
 // them by reference lost that, and the loop was not vectorised).
 template <int Lanes, typename T, typename S>
 AIM_HD void step_one(T* __restrict grad, const T* __restrict param, const T* __restrict anchor,
-                     const S* __restrict imp, S* __restrict fisher, int64_t i, int l, const StepScalars& k, const GroupScalars& gs,
-                     BlockSums<Lanes>& b) {
+                     const S* __restrict imp, S* __restrict fisher, int64_t i, int l,
+                     const StepScalars& k, const GroupScalars& gs, float (&p0)[Lanes],
+                     float (&p1)[Lanes], float (&p2)[Lanes], float (&p3)[Lanes],
+                     float (&p4)[Lanes], int32_t (&c0)[Lanes], int32_t (&c1)[Lanes]) {
   const T g_raw = grad[i];
   const S F_raw = fisher[i];
   const StepOut o = step_element(load(g_raw), load(param[i]), load(anchor[i]), load(imp[i]),
                                  load(F_raw), k, gs);
   grad[i] = pick(o.finite, store<T>(o.g_out), g_raw);     // non-finite g: bit for bit
   fisher[i] = pick(o.finite, store<S>(o.F_new), F_raw);
-  b.part[0][l] += o.grad_sq;
-  b.part[1][l] += o.out_sq;
-  b.part[2][l] += o.reg_sq;
-  b.part[3][l] += o.drift_sq;
-  b.part[4][l] += o.penalty;
-  b.count[0][l] += o.masked ? 1 : 0;
-  b.count[1][l] += o.finite ? 0 : 1;
+  p0[l] += o.grad_sq;
+  p1[l] += o.out_sq;
+  p2[l] += o.reg_sq;
+  p3[l] += o.drift_sq;
+  p4[l] += o.penalty;
+  c0[l] += o.masked ? 1 : 0;
+  c1[l] += o.finite ? 0 : 1;
 }
 
 // Elements [lo, lo + whole) of one block, whole a multiple of Lanes. A function of its
@@ -144,13 +146,21 @@ __attribute__((noinline)) void step_block(T* __restrict grad, const T* __restric
                                           BlockSums<lanes_of<T, S>()>& out) {
   constexpr int Lanes = lanes_of<T, S>();
   const StepScalars k{beta, one_minus_beta, kEma, kFisher, kDirectional};
-  BlockSums<Lanes> bs = {};
+  // one array per partial: as members of one struct they stayed in memory, loaded and
+  // stored every step (a store-to-load chain per step)
+  float p0[Lanes] = {}, p1[Lanes] = {}, p2[Lanes] = {}, p3[Lanes] = {}, p4[Lanes] = {};
+  int32_t c0[Lanes] = {}, c1[Lanes] = {};
   for (int64_t j = 0; j < whole; j += Lanes) {
 #pragma omp simd
     for (int l = 0; l < Lanes; ++l)
-      step_one<Lanes>(grad, param, anchor, imp, fisher, lo + j + l, l, k, gs, bs);
+      step_one<Lanes>(grad, param, anchor, imp, fisher, lo + j + l, l, k, gs, p0, p1, p2, p3,
+                      p4, c0, c1);
   }
-  out = bs;
+  for (int l = 0; l < Lanes; ++l) {
+    out.part[0][l] = p0[l]; out.part[1][l] = p1[l]; out.part[2][l] = p2[l];
+    out.part[3][l] = p3[l]; out.part[4][l] = p4[l];
+    out.count[0][l] = c0[l]; out.count[1][l] = c1[l];
+  }
 }
 
 template <typename T, typename S, bool kEma, bool kFisher, bool kDirectional>
@@ -166,10 +176,13 @@ void step_segment(const StepArgs& a, const StepScalars& scalars, int64_t lo, int
   // scalar, with branches.
   const StepScalars k{scalars.beta, scalars.one_minus_beta, kEma, kFisher, kDirectional};
   const GroupScalars gs{a.inv_scale[g], a.thresh[g], a.keep[g], a.lam[g], 0.5f * a.lam[g]};
-  double sums[5] = {0, 0, 0, 0, 0};
-  int64_t masked = 0, nonfinite = 0;
   constexpr int Lanes = lanes_of<T, S>();
   constexpr int64_t kBlock = int64_t(Lanes) * kTermsPerLane;
+  // Per lane: the double sums of the block partials and the counts (vector adds, no
+  // dependency chain from lane to lane); summed over the lanes once per segment.
+  alignas(64) double sums[5][Lanes] = {};
+  alignas(64) int64_t counts[2][Lanes] = {};
+  double extra[5] = {0, 0, 0, 0, 0};       // the blocks summed again in double
   T g_in[kBlock];
   for (int64_t b = lo; b < hi; b += kBlock) {
     const int64_t n = std::min(kBlock, hi - b);
@@ -181,13 +194,15 @@ void step_segment(const StepArgs& a, const StepScalars& scalars, int64_t lo, int
     step_block<T, S, kEma, kFisher, kDirectional>(grad, param, anchor, imp, fisher, b, whole,
                                                   k.beta, k.one_minus_beta, gs, bs);
     for (int64_t j = whole; j < n; ++j)
-      step_one<Lanes>(grad, param, anchor, imp, fisher, b + j, int(j - whole), k, gs, bs);
-    bool finite = true;
+      step_one<Lanes>(grad, param, anchor, imp, fisher, b + j, int(j - whole), k, gs,
+                      bs.part[0], bs.part[1], bs.part[2], bs.part[3], bs.part[4], bs.count[0],
+                      bs.count[1]);
+    uint32_t bad = 0;
     for (int s = 0; s < 5; ++s)
-      for (int l = 0; l < Lanes; ++l) finite &= is_finite(bs.part[s][l]);
-    if (finite) {
+      for (int l = 0; l < Lanes; ++l) bad |= uint32_t(!is_finite(bs.part[s][l]));
+    if (!bad) {
       for (int s = 0; s < 5; ++s)
-        for (int l = 0; l < Lanes; ++l) sums[s] += double(bs.part[s][l]);
+        for (int l = 0; l < Lanes; ++l) sums[s][l] += double(bs.part[s][l]);
     } else {
       // An inf/NaN term, or an fp32 partial that overflowed where the double sum may
       // not (huge penalty terms of both signs): the block's terms again, in double,
@@ -196,21 +211,28 @@ void step_segment(const StepArgs& a, const StepScalars& scalars, int64_t lo, int
         const int64_t i = b + j;
         const StepOut o = step_element(load(g_in[j]), load(param[i]), load(anchor[i]),
                                        load(imp[i]), 0.0f, k, gs);
-        sums[0] += double(o.grad_sq);
-        sums[1] += double(o.out_sq);
-        sums[2] += double(o.reg_sq);
-        sums[3] += double(o.drift_sq);
-        sums[4] += double(o.penalty);
+        extra[0] += double(o.grad_sq);
+        extra[1] += double(o.out_sq);
+        extra[2] += double(o.reg_sq);
+        extra[3] += double(o.drift_sq);
+        extra[4] += double(o.penalty);
       }
     }
-    for (int l = 0; l < Lanes; ++l) {
-      masked += bs.count[0][l];
-      nonfinite += bs.count[1][l];
-    }
+    for (int c = 0; c < 2; ++c)
+      for (int l = 0; l < Lanes; ++l) counts[c][l] += bs.count[c][l];
+  }
+  double total[5], masked = 0, nonfinite = 0;
+  for (int s = 0; s < 5; ++s) {
+    total[s] = extra[s];
+    for (int l = 0; l < Lanes; ++l) total[s] += sums[s][l];
+  }
+  for (int l = 0; l < Lanes; ++l) {
+    masked += double(counts[0][l]);
+    nonfinite += double(counts[1][l]);
   }
   double* s = acc + g * 7;
-  for (int j = 0; j < 5; ++j) s[j] += sums[j];
-  s[5] += double(masked); s[6] += double(nonfinite);
+  for (int j = 0; j < 5; ++j) s[j] += total[j];
+  s[5] += masked; s[6] += nonfinite;
 }
 
 template <typename T, typename S>
