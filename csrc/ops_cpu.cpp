@@ -1,12 +1,14 @@
 // CPU implementation: OpenMP over fixed-size chunks, inner loops over one group's
-// segment that the compiler vectorises (no branches, only selects), stats summed per
-// thread in double (the reference sums fp32 terms in fp64 and rounds once) and
-// reduced in thread order at the end, so a result does not depend on scheduling.
+// segment that the compiler vectorises (no branches, only selects and blends), stats
+// summed in fp32 lane partials of at most 16 terms, then in double per thread, reduced
+// in thread order at the end, so a result does not depend on scheduling (the reference
+// sums the fp32 terms in fp64 and rounds once: the bound is below, at the fused step).
 // Built with -ffp-contract=off: fp32 results are then those of ops/reference.py.
 //
-// Compiled once per instruction set (ops_cpu_avx2.cpp includes this file with
-// AIM_CPU_NS=isa_avx2 and -mavx2); ops_cpu_dispatch.cpp picks one at run time, so a
-// wheel runs on any x86-64 and uses 256-bit vectors where the CPU has them.
+// Compiled once per instruction set (ops_cpu_avx2.cpp and ops_cpu_avx512.cpp include
+// this file with AIM_CPU_NS=isa_avx2 / isa_avx512 and their -m flags);
+// ops_cpu_dispatch.cpp picks one at run time, so a wheel runs on any x86-64 and uses
+// 256- or 512-bit vectors where the CPU has them.
 #ifndef AIM_CPU_NS
 #define AIM_CPU_NS isa_default
 #endif
@@ -69,9 +71,10 @@ inline void parallel_chunks(int64_t n, F&& f) {
 // double sums. Any order of m fp32 additions errs by at most (m - 1) 2^-24 of the sum
 // of |terms|, so a stat differs from the reference's double sum by at most
 // 15 * 2^-24 (< 1e-6) of the sum of |terms| of its group, plus the final rounding to
-// fp32 (tests/test_native.py STATS_ABS_RTOL). The fp32 partials keep the loop in full-width
-// vectors; double accumulators (half-width, a conversion per term) made it compute-bound.
-// Counts are int32 per lane per block: exact.
+// fp32 (tests/test_native.py STATS_ABS_RTOL). A block whose partials are not all finite
+// is summed again in double. The fp32 partials keep the loop in full-width vectors;
+// double accumulators (half-width, a conversion per term) made it compute-bound. Counts
+// are int32 per lane per block, int64 across blocks: exact.
 constexpr int kTermsPerLane = 16;
 #if defined(__AVX512F__)
 constexpr int kVectorFloats = 16;
