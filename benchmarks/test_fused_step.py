@@ -93,11 +93,18 @@ def copy_gbps(nbytes: int) -> float:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"2^{n.bit_length() - 1}")
-@pytest.mark.parametrize("backend", BACKENDS + ["torch.compile"])
+@pytest.mark.parametrize("backend", BACKENDS + ["torch.compile", "adamw"])
 def test_fused_step(benchmark, backend, n, dtype):
+    """One row per backend, plus torch.optim.AdamW(fused=True) on a parameter of the same
+    N and dtype (the step a user runs beside this one): ``vs_fused_adamw`` in the JSON;
+    the same ratios measured interleaved are in test_vs_adamw.py."""
     args = make_inputs(n, dtype)
     kwargs = dict(beta=0.99, accumulate="ema", importance_kind="fisher", directional=True)
-    if backend == "torch.compile":
+    if backend == "adamw":
+        p = torch.nn.Parameter(torch.randn(n, device=DEVICE).to(dtype))
+        p.grad = (torch.randn(n, device=DEVICE) * 1e-2).to(dtype)
+        call = torch.optim.AdamW([p], lr=1e-3, fused=True).step
+    elif backend == "torch.compile":
         fn = torch.compile(reference.fused_step, dynamic=False)
         call = lambda: fn(*args, **kwargs)   # noqa: E731
     else:
