@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import ops, sharding
+from . import ops, sharding, zero
 from .config import AIMConfig
 from .groups import assign, resolve_groups
 from .state import AIMState, Bucket, Slot, _is_view, bias_correction
@@ -32,13 +32,20 @@ def attach(model: torch.nn.Module, config: AIMConfig | None = None) -> AIMState:
     if not isinstance(cfg, AIMConfig):
         raise TypeError(f"attach: `config` must be an AIMConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if zero.is_engine(model):     # DeepSpeed: the adapter knows where grads and weights live
+        state = zero.attach(model, cfg, lambda module: _groups(module, cfg))
+    else:
+        state = AIMState(*_groups(model, cfg), cfg)
+    _STATES[model] = state
+    return state
+
+
+def _groups(model: torch.nn.Module, cfg: AIMConfig):
     groups = resolve_groups(model, cfg)
     members = assign(model, groups, user_groups=cfg.groups is not None)
     if not any(members.values()):
         raise ValueError("attach: the model has no trainable parameter to manage")
-    state = AIMState(groups, members, cfg)
-    _STATES[model] = state
-    return state
+    return groups, members
 
 
 def state_of(model: torch.nn.Module, op: str = "state_of") -> AIMState:
@@ -53,6 +60,8 @@ def detach(model: torch.nn.Module) -> AIMState:
     """Forget the model's state (its parameters stay where they are); returns it."""
     state = state_of(model, "detach")
     del _STATES[model]
+    if isinstance(state, zero.ZeroState):
+        state.remove_hooks()
     return state
 
 
@@ -189,6 +198,8 @@ def masked_step(model: torch.nn.Module, grads=None, *, skip=False) -> StepStats:
     Returns lazy :class:`StepStats`.
     """
     state = state_of(model, "masked_step")
+    if isinstance(state, zero.ZeroState):    # DeepSpeed: gradients live in the ZeRO partitions
+        return state.masked_step(grads, skip)
     state.check_homes()
     plan = _plan(state, grads)
     skipping = _should_skip(skip)

@@ -1,0 +1,487 @@
+"""DeepSpeed engines, ZeRO stages 0-3: where the gradients and fp32 weights live.
+
+Under ZeRO a parameter's ``.grad`` is None after ``engine.backward``: the reduced
+gradient lives in the optimizer's partition (ZeRO-1/2: ``averaged_gradients``, or
+the fp32 ``.grad`` of the partition with CPU offload; ZeRO-3: the grad partition of
+each ``ds_tensor``), and the weights the optimizer updates are its fp32 master
+partition. This adapter reads exactly those, per managed parameter, as the
+*fragment* this rank owns, so the AIM state of a rank covers its own partition
+only (1/ranks of the model) and a missing gradient is an error, never a zero.
+
+* Stage 0 (fp32): the parameters and their all-reduced ``.grad`` are replicated;
+  every rank holds the whole state, as under DDP.
+* Stages 1, 2 (and bf16 at stage 0, DeepSpeed's partitioned BF16 optimizer): each
+  parameter's ``_hp_mapping`` names its fp32 master fragment and grad fragment.
+* Stage 3: the parameter's slice of the fp32 partition and of the grad partition
+  (``ds_tensor``'s elements; the last rank's padding is not managed).
+
+n_g, sum Omega, t_g, m_g and the stats are global over the data-parallel group
+(``sharding.global_thresholds`` / ``global_align_``). Gradients are copied into the
+state's fp32 buffer (divided by the loss scale), stepped, and copied back (times
+the loss scale): DeepSpeed then clips and steps the regularised gradient.
+
+Masks hold on the update (DESIGN.md 2.4): a post-hook on the optimizer that updates
+the fp32 partition puts every masked element of a keep=0 group back to its anchor,
+before DeepSpeed copies the partition to the 16-bit / model weights.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+
+from . import ops, sharding
+from .state import AIMState, Bucket, Slot
+
+
+# ---- what is not supported -----------------------------------------------------------
+def is_engine(model) -> bool:
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
+
+
+def _cfg(obj, *path, default=None):
+    for key in path:
+        if obj is None:
+            return default
+        obj = obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+    return default if obj is None else obj
+
+
+def unsupported_features(engine) -> list[str]:
+    """The DeepSpeed features this engine uses that the adapter does not support."""
+    found = []
+    ds = sys.modules["deepspeed"]
+    zc = engine.zero_optimization() and engine._config.zero_config
+    zc = zc or None
+    if isinstance(engine, ds.PipelineEngine) or getattr(engine, "pipeline_parallelism", False):
+        found.append("pipeline parallelism (PipelineEngine)")
+    if _cfg(zc, "zero_quantized_gradients", default=False):
+        found.append("ZeRO++ quantized gradients (zero_quantized_gradients)")
+    if _cfg(zc, "zero_quantized_weights", default=False) or \
+            _cfg(zc, "zero_quantized_nontrainable_weights", default=False):
+        found.append("ZeRO++ quantized weights (zero_quantized_weights)")
+    if _cfg(zc, "zero_hpz_partition_size", default=1) > 1:
+        found.append("ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)")
+    if _cfg(zc, "mics_shard_size", default=-1) > 0:
+        found.append("MiCS (mics_shard_size)")
+    for what in ("offload_optimizer", "offload_param"):
+        device = str(_cfg(zc, what, "device", default="none")).lower().split(".")[-1]
+        if device == "nvme":
+            found.append(f"NVMe offload ({what}.device = nvme)")
+    if _cfg(zc, "offload_param", "device", default="none") not in ("none", None) and \
+            str(_cfg(zc, "offload_param", "device")).lower().split(".")[-1] == "cpu":
+        found.append("parameter offload (offload_param.device = cpu; offload_optimizer is supported)")
+    if getattr(engine, "mpu", None) is not None or getattr(engine, "autotp_size", lambda: 0)() > 1:
+        found.append("tensor / model parallelism (mpu, AutoTP)")
+    if getattr(engine, "has_moe_layers", False):
+        found.append("mixture of experts (MoE layers)")
+    if getattr(engine, "seq_parallel_group", None) is not None and \
+            torch.distributed.get_world_size(engine.seq_parallel_group) > 1:
+        found.append("sequence parallelism (Ulysses)")
+    if getattr(engine, "torch_autocast_enabled", lambda: False)():
+        found.append("torch_autocast")
+    if getattr(engine.optimizer, "zenflow", False):
+        found.append("ZenFlow")
+    if getattr(engine.optimizer, "use_muon", False):
+        found.append("the Muon optimizer")
+    if engine.fp16_enabled() and engine.zero_optimization_stage() == 0:
+        found.append("fp16 at ZeRO stage 0 (FP16_Optimizer; use ZeRO-1 or bf16)")
+    return found
+
+
+def check_supported(engine) -> None:
+    found = unsupported_features(engine)
+    if found:
+        raise NotImplementedError(
+            "attach: this DeepSpeed engine uses " + "; ".join(found) + ", which aim_kernels "
+            "does not support (supported: ZeRO stages 0-3, offload_optimizer cpu, bf16/fp16, "
+            "gradient accumulation)")
+
+
+# ---- where a parameter's local elements live --------------------------------------------
+class _Replicated:
+    """Stage 0, fp32: the parameter is its own master; its ``.grad`` is all-reduced."""
+    sharded = False
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def numel(self, p) -> int:
+        return p.numel()
+
+    def master(self, p) -> torch.Tensor:
+        return p.data.view(-1)
+
+    def grad(self, p, name) -> torch.Tensor:
+        if p.grad is None:
+            raise RuntimeError(f"masked_step: parameter {name!r} has no gradient at the "
+                               "accumulation boundary (call engine.backward(loss) first)")
+        return p.grad.view(-1)
+
+    def sync_params(self, slots) -> None:
+        pass
+
+    def inner_optimizers(self):
+        return [self.optimizer]
+
+
+class _Flat:
+    """ZeRO-1/2 and the bf16 optimizer: each parameter's fragment of the flat fp32 partition."""
+    sharded = True
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def numel(self, p) -> int:
+        m = p._hp_mapping
+        return 0 if m is None else m.lp_fragment_address.numel
+
+    def master(self, p) -> torch.Tensor:
+        return p._hp_mapping.hp_fragment
+
+    def grad(self, p, name) -> torch.Tensor:
+        m = p._hp_mapping
+        try:
+            g = m.get_lp_grad_fragment(p._index_in_param_group)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise RuntimeError(f"masked_step: the reduced gradient of parameter {name!r} is not "
+                               "in the ZeRO partition; call it after engine.backward(loss) and "
+                               f"before engine.step() ({exc})") from None
+        if g is None:
+            raise RuntimeError(f"masked_step: parameter {name!r} has no reduced gradient in the "
+                               "ZeRO partition (call engine.backward(loss) first)")
+        g = g.view(-1)
+        addr = m.lp_fragment_address
+        if g.numel() == p.numel() and g.numel() != addr.numel:   # a whole-parameter buffer
+            g = g.narrow(0, addr.start, addr.numel)
+        return g
+
+    def sync_params(self, slots) -> None:
+        """Model weights = the fp32 masters, on every rank (one all-reduce per parameter)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        for p in self._lp_params():
+            full = safe_get_full_fp32_param(p)
+            p.data.copy_(full.to(p.dtype).view_as(p))
+
+    def _lp_params(self):
+        opt = self.optimizer
+        groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
+        return [p for group in groups for p in group]
+
+    def inner_optimizers(self):
+        return [self.optimizer.optimizer]
+
+
+class _Stage3:
+    """ZeRO-3: the parameter's slice of its sub-group's fp32 and grad partitions."""
+    sharded = True
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def numel(self, p) -> int:
+        part = p.ds_tensor.numel()
+        rank = self.optimizer._get_param_partition_rank(p)
+        return max(0, min(part, p.ds_numel - rank * part))
+
+    def master(self, p) -> torch.Tensor:
+        t, _ = self.optimizer._get_fp32_opt_state_partition(p, release_swap_buffers=True)
+        return t.narrow(0, 0, self.numel(p))
+
+    def grad(self, p, name) -> torch.Tensor:
+        try:
+            t, _ = self.optimizer._get_fp32_grad_state_partition(p, release_swap_buffers=True)
+        except (KeyError, AttributeError) as exc:
+            raise RuntimeError(f"masked_step: parameter {name!r} has no reduced gradient in the "
+                               "ZeRO-3 partition (call engine.backward(loss) first)") from exc
+        if t is None:
+            raise RuntimeError(f"masked_step: parameter {name!r} has no reduced gradient in the "
+                               "ZeRO-3 partition (call engine.backward(loss) first)")
+        return t.view(-1).narrow(0, 0, self.numel(p))
+
+    def sync_params(self, slots) -> None:
+        for s in slots:
+            self._lp_slice(s.param).copy_(self.master(s.param))
+        persistent = getattr(self.optimizer, "persistent_parameters", None)
+        if persistent:      # small parameters DeepSpeed keeps gathered: gather them again
+            persistent[0].all_gather(persistent)
+
+    def _lp_slice(self, p):
+        return p.ds_tensor.data.view(-1).narrow(0, 0, self.numel(p))
+
+    def inner_optimizers(self):
+        opts = [self.optimizer.optimizer, getattr(self.optimizer, "backup_optimizer", None)]
+        return [o for o in opts if o is not None]
+
+
+def _partition_of(optimizer, stage: int):
+    if stage == 3:
+        return _Stage3(optimizer)
+    if stage in (1, 2) or hasattr(optimizer, "bf16_groups"):
+        return _Flat(optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return _Replicated(optimizer)
+    raise NotImplementedError(f"attach: DeepSpeed optimizer {type(optimizer).__name__} at ZeRO "
+                              f"stage {stage} is not supported")
+
+
+def _dp_group(optimizer, stage: int):
+    for attr in ("dp_process_group", "real_dp_process_group"):
+        g = getattr(optimizer, attr, None)
+        if isinstance(g, list):
+            g = g[0]
+        if g is not None:
+            return g
+    return torch.distributed.group.WORLD
+
+
+# ---- the state ---------------------------------------------------------------------------
+class ZeroState(AIMState):
+    """The AIM state of the elements this rank owns in a DeepSpeed engine.
+
+    All buffers are fp32 on the device of the fp32 master partition (CPU under
+    ``offload_optimizer``); ``param`` and ``grad`` are working copies, filled at each
+    step, so the state's bytes are 6 x 4 per owned element.
+    """
+
+    def __init__(self, engine, optimizer, stage: int, groups, members, config):
+        self.engine = engine
+        self.stage = stage
+        self.optimizer = optimizer
+        self.partition = _partition_of(optimizer, stage)
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        super().__init__(groups, members, config)   # local thresholds: Omega = 0, c_g = 0
+        if self.partition.sharded:
+            self.collectives = sharding.Collectives(_dp_group(optimizer, stage))
+            self.refresh_thresholds()
+        self._hooks = [o.register_step_post_hook(self._hold_masks)
+                       for o in self.partition.inner_optimizers()]
+        self.last_skip_reason = None
+
+    # buckets of fp32 copies of the local fragments, one per master device
+    def _make_bucket(self, device, dtype, per_group) -> Bucket:
+        slots, offsets, cursor, master_device = [], [0], 0, None
+        for g, members in enumerate(per_group):
+            for name, p in members:
+                n = self.partition.numel(p)
+                if n:
+                    slots.append(Slot(name, p, g, cursor, n, torch.Size([n]), rehomed=False))
+                    master_device = master_device or self.partition.master(p).device
+                    cursor += n
+            offsets.append(cursor)
+        device = master_device or torch.device("cpu")
+        param = torch.empty(cursor, dtype=torch.float32, device=device)
+        for s in slots:
+            s.param_view(param).copy_(self.partition.master(s.param))
+        cfgs = list(self.group_configs.values())
+        f32 = dict(dtype=torch.float32, device=device)
+        return Bucket(
+            device=device, dtype=torch.float32, slots=slots, offsets_host=offsets,
+            param=param, grad=torch.zeros(cursor, **f32), anchor=param.clone(),
+            importance=torch.zeros(cursor, dtype=self.config.state_dtype, device=device),
+            fisher=torch.zeros(cursor, dtype=self.config.state_dtype, device=device),
+            offsets=torch.tensor(offsets, dtype=torch.int64, device=device),
+            keep=torch.tensor([c.keep for c in cfgs], **f32),
+            lam=torch.tensor([c.lam for c in cfgs], **f32),
+            mask_ratio=torch.tensor([c.mask_ratio for c in cfgs], dtype=torch.float64, device=device))
+
+    def _model_fingerprint(self) -> bytes:
+        import hashlib
+        import json
+        desc = [("deepspeed", self.stage, self.world, self.rank)] + [
+            (s.name, s.start, s.numel, self.group_names[s.group])
+            for b in self.buckets for s in b.slots]
+        return hashlib.sha256(json.dumps(desc).encode()).digest()
+
+    def state_bytes(self) -> int:
+        """Bytes of every per-element buffer this rank holds."""
+        return sum(getattr(b, k).numel() * getattr(b, k).element_size()
+                   for b in self.buckets for k in ("param", "grad", "anchor", "importance", "fisher"))
+
+    # weights: the fp32 masters are the truth; the model weights follow
+    def pull_params(self) -> None:
+        for b in self.buckets:
+            for s in b.slots:
+                s.param_view(b.param).copy_(self.partition.master(s.param))
+
+    def push_params(self) -> None:
+        for b in self.buckets:
+            for s in b.slots:
+                self.partition.master(s.param).copy_(s.param_view(b.param))
+        self.partition.sync_params([s for b in self.buckets for s in b.slots])
+
+    def zero_grad(self) -> None:
+        raise RuntimeError("zero_grad: a DeepSpeed engine zeroes its own gradients (engine.step())")
+
+    # masks hold on the update (DESIGN.md 2.4)
+    @torch.no_grad()
+    def _hold_masks(self, *_args, **_kwargs) -> None:
+        for b in self.buckets:
+            frozen = [g for g in range(self.num_groups) if float(b.keep[g]) == 0.0]
+            for g in frozen:
+                lo, hi = b.group_range(g)
+                if lo == hi or not torch.isfinite(b.thresh[g]):
+                    continue
+                om = b.importance[lo:hi]
+                masked = (om >= b.thresh[g]) & (om > 0)
+                if not bool(masked.any()):
+                    continue
+                for s in b.slots:
+                    if s.group != g:
+                        continue
+                    m = masked[s.start - lo:s.start - lo + s.numel]
+                    master = self.partition.master(s.param)
+                    master[m] = s.param_view(b.anchor)[m].to(master.dtype)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # the step
+    def loss_scale(self) -> float:
+        scale = getattr(self.optimizer, "loss_scale", None)
+        if scale is None or isinstance(self.optimizer, torch.optim.Optimizer):
+            return 1.0
+        return float(scale)
+
+    def skips_nonfinite(self) -> bool:
+        """Will DeepSpeed skip an optimizer step whose gradient is not finite?"""
+        opt = self.optimizer
+        if self.engine is not None and self.engine.fp16_enabled():
+            return True
+        if getattr(opt, "check_grad_overflow", False):
+            return True
+        clip = float(getattr(opt, "clip_grad", 0.0) or 0.0)
+        return clip > 0 and getattr(opt, "dtype", torch.float32) != torch.bfloat16
+
+    @torch.no_grad()
+    def masked_step(self, grads=None, skip=False):
+        from .step import StepStats, _should_skip, _skipped, _any_nonfinite
+        if grads is not None:
+            raise ValueError("masked_step: grads= cannot be passed for a DeepSpeed engine; its "
+                             "reduced gradients live in the ZeRO partitions, which masked_step reads")
+        if self.engine is not None and not self.engine.is_gradient_accumulation_boundary():
+            out = _skipped(self)
+            out.accumulating = True        # a micro-step inside the accumulation window
+            return out
+        skipping = _should_skip(skip)
+        fetched = [[(s, self.partition.grad(s.param, s.name)) for s in b.slots]
+                   for b in self.buckets]        # every gradient found before anything moves
+        if skipping:
+            return _skipped(self)
+        scale = self.loss_scale()
+        for b, pairs in zip(self.buckets, fetched):
+            for s, g in pairs:
+                dst = s.param_view(b.grad)
+                dst.copy_(g)
+                if scale != 1.0:
+                    dst.div_(scale)
+        if (skipping is None or self.skips_nonfinite()) and _any_nonfinite(self):
+            self.last_skip_reason = "nonfinite"
+            return _skipped(self)
+        self.pull_params()
+        cfg = self.config
+        total = None
+        for b, pairs in zip(self.buckets, fetched):
+            stats = ops.fused_step(
+                b.grad, b.param, b.anchor, b.importance, b.fisher, b.offsets, b.inv_scale,
+                b.thresh, b.keep, b.lam, beta=cfg.beta, accumulate=cfg.accumulate,
+                importance_kind=cfg.importance, directional=cfg.directional, backend=cfg.backend)
+            for s, g in pairs:
+                src = s.param_view(b.grad)
+                g.copy_(src * scale if scale != 1.0 else src)
+            total = stats if total is None else total + stats
+        if total is None:
+            total = torch.zeros(self.num_groups, len(ops.STAT_NAMES))
+        self.steps += 1
+        self.steps_since_consolidation += 1
+        if cfg.align_every and self.steps % cfg.align_every == 0:
+            self._align()
+        self.last_skip_reason = None
+        return StepStats(total, self.group_names, collectives=self.collectives)
+
+    def _align(self) -> None:
+        cfg = self.config
+        if self.collectives is not None:
+            sharding.global_align_(self.collectives, self.group_pieces("param"),
+                                   self.group_pieces("anchor"), cfg.align_ratio, cfg.align_mode)
+        else:
+            for b in self.buckets:
+                ops.align_(b.param, b.anchor, b.offsets, cfg.align_ratio, mode=cfg.align_mode,
+                           backend=cfg.backend)
+        self.push_params()
+
+
+def attach(engine, config, groups_fn) -> ZeroState:
+    """The state of a DeepSpeed engine (after ``deepspeed.initialize``)."""
+    check_supported(engine)
+    stage = engine.zero_optimization_stage()
+    if engine.optimizer is None:
+        raise ValueError("attach: the DeepSpeed engine has no optimizer (pass one, or an "
+                         "\"optimizer\" section, to deepspeed.initialize)")
+    groups, members = groups_fn(engine.module)
+    return ZeroState(engine, engine.optimizer, stage, groups, members, config)
+
+
+def attach_optimizer(module, optimizer, config, groups_fn) -> ZeroState:
+    """The state for a DeepSpeed optimizer whose engine is out of reach (the HF Trainer's
+    callbacks see the module and the optimizer only); its steps are run by
+    :func:`step_inside` from within the optimizer's own ``step``."""
+    stage = 3 if type(optimizer).__name__.endswith("Stage3") else \
+        int(getattr(optimizer, "partition_gradients", False)) + 1 if hasattr(optimizer, "bit16_groups") else 0
+    groups, members = groups_fn(module)
+    return ZeroState(None, optimizer, stage, groups, members, config)
+
+
+def step_inside(state: ZeroState):
+    """Run ``masked_step`` at the start of every step of the DeepSpeed optimizer (DeepSpeed
+    calls its step at accumulation boundaries only): the Trainer's DeepSpeed path runs
+    backward and step in one call, leaving no point in between for a callback."""
+    opt = state.optimizer
+    original = opt.step
+    state.last_stats = None
+
+    def step(*args, **kwargs):
+        state.last_stats = state.masked_step()
+        out = original(*args, **kwargs)
+        overflow = getattr(opt, "overflow", None)
+        if overflow is not None and bool(overflow) != (state.last_skip_reason is not None) \
+                and state.last_skip_reason is None:
+            warnings.warn("aim_kernels: DeepSpeed skipped an optimizer step whose gradients were "
+                          "finite; the AIM state took it", RuntimeWarning, stacklevel=2)
+        return out
+
+    opt.step = step
+    return original
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+def state_file(save_dir, tag, rank: int) -> str:
+    return os.path.join(str(save_dir), str(tag), f"aim_state_rank{rank:05d}.safetensors")
+
+
+def save_atomic(state: ZeroState, path: str) -> None:
+    """Write the state to ``path`` through a temp file, fsync and rename."""
+    from safetensors.torch import save
+    import json
+    data = save({k: v.contiguous().cpu() for k, v in state.state_dict().items()},
+                metadata={"format": "aim_kernels.AIMState", "names": json.dumps(state.names)})
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+__all__ = ["ZeroState", "attach", "check_supported", "is_engine", "unsupported_features"]
