@@ -50,6 +50,11 @@ def _cfg(obj, *path, default=None):
     return default if obj is None else obj
 
 
+def _device(zc, what: str) -> str:
+    """``offload_*.device`` as a lowercase name ("none", "cpu", "nvme")."""
+    return str(_cfg(zc, what, "device", default="none")).lower().split(".")[-1]
+
+
 def unsupported_features(engine) -> list[str]:
     """The DeepSpeed features this engine uses that the adapter does not support."""
     found = []
@@ -65,15 +70,11 @@ def unsupported_features(engine) -> list[str]:
         found.append("ZeRO++ quantized weights (zero_quantized_weights)")
     if _cfg(zc, "zero_hpz_partition_size", default=1) > 1:
         found.append("ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1)")
-    if _cfg(zc, "mics_shard_size", default=-1) > 0:
+    if _cfg(zc, "mics_shard_size", default=-1) > 0:          # DeepSpeed < 0.19
         found.append("MiCS (mics_shard_size)")
     for what in ("offload_optimizer", "offload_param"):
-        device = str(_cfg(zc, what, "device", default="none")).lower().split(".")[-1]
-        if device == "nvme":
+        if _device(zc, what) == "nvme":
             found.append(f"NVMe offload ({what}.device = nvme)")
-    if _cfg(zc, "offload_param", "device", default="none") not in ("none", None) and \
-            str(_cfg(zc, "offload_param", "device")).lower().split(".")[-1] == "cpu":
-        found.append("parameter offload (offload_param.device = cpu; offload_optimizer is supported)")
     if getattr(engine, "mpu", None) is not None or getattr(engine, "autotp_size", lambda: 0)() > 1:
         found.append("tensor / model parallelism (mpu, AutoTP)")
     if getattr(engine, "has_moe_layers", False):
@@ -261,6 +262,30 @@ class ZeroState(AIMState):
         self._hooks = [o.register_step_post_hook(self._hold_masks)
                        for o in self.partition.inner_optimizers()]
         self.last_skip_reason = None
+        self._track_backward()
+
+    def _track_backward(self) -> None:
+        """Know whether the partitions hold a gradient of this step. ZeRO-3 keeps its grad
+        partitions between steps (zeros before the first backward, the last step's values
+        after ``engine.step()``), so reading them is not proof that a backward ran."""
+        self._fresh = None if self.engine is None else False
+        if self.engine is None:
+            return
+        engine, backward, step = self.engine, self.engine.backward, self.engine.step
+
+        def tracked_backward(*args, **kwargs):
+            self._fresh = True
+            return backward(*args, **kwargs)
+
+        def tracked_step(*args, **kwargs):
+            boundary = engine.is_gradient_accumulation_boundary()
+            out = step(*args, **kwargs)
+            if boundary:                  # the optimizer stepped: its gradients are spent
+                self._fresh = False
+            return out
+
+        engine.backward, engine.step = tracked_backward, tracked_step
+        self._untrack = lambda: (vars(engine).pop("backward", None), vars(engine).pop("step", None))
 
     # buckets of fp32 copies of the local fragments, one per master device
     def _make_bucket(self, device, dtype, per_group) -> Bucket:
@@ -341,6 +366,9 @@ class ZeroState(AIMState):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if getattr(self, "_untrack", None):
+            self._untrack()
+            self._untrack = None
 
     # the step
     def loss_scale(self) -> float:
@@ -369,6 +397,12 @@ class ZeroState(AIMState):
             out = _skipped(self)
             out.accumulating = True        # a micro-step inside the accumulation window
             return out
+        if self._fresh is False:
+            raise RuntimeError("masked_step: no engine.backward(loss) since the last optimizer step "
+                               "(or masked_step already ran for this step): the ZeRO partitions "
+                               "hold no gradient of this step")
+        if self._fresh:
+            self._fresh = False
         skipping = _should_skip(skip)
         fetched = [[(s, self.partition.grad(s.param, s.name)) for s in b.slots]
                    for b in self.buckets]        # every gradient found before anything moves

@@ -123,43 +123,172 @@ def masked_equals_anchor(state) -> tuple[int, bool]:
     return count, held
 
 
-def run(engine, rank: int, world: int, gas: int = 1, tasks=range(TASKS), state=None) -> dict:
-    """The recipe: per task STEPS optimizer steps of gas micro-steps each, then consolidate."""
-    state = state or ak.attach(engine, aim_config())
-    stats, accumulating = [], 0
-    for task in tasks:
-        for step in range(STEPS):
-            for micro in range(gas):
-                x, y = micro_batch(task, step, micro, rank, world, gas)
-                engine.backward(nn.functional.cross_entropy(engine(x).float(), y))
-                out = ak.masked_step(engine)
-                if getattr(out, "accumulating", False):
-                    assert out.skipped
-                    accumulating += 1
-                else:
-                    stats.append(out.as_dict())
-                engine.step()
-            count, held = masked_equals_anchor(state)
-            stats[-1]["held"] = {"count": count, "held": held}
-        ak.consolidate(engine)
+def train_step(engine, task: int, step: int, rank: int, world: int, gas: int = 1):
+    """One optimizer step of ``gas`` micro-steps; returns (stats of the boundary call,
+    how many calls said they were inside the accumulation window)."""
+    accumulating, stats = 0, None
+    for micro in range(gas):
+        x, y = micro_batch(task, step, micro, rank, world, gas)
+        x = x.to(torch.bfloat16) if engine.bfloat16_enabled() else x
+        engine.backward(nn.functional.cross_entropy(engine(x).float(), y))
+        out = ak.masked_step(engine)
+        if getattr(out, "accumulating", False):
+            assert out.skipped
+            accumulating += 1
+        else:
+            stats = out.as_dict()
+        engine.step()
+    return stats, accumulating
+
+
+def result(engine, state, stats, accumulating=0) -> dict:
     return {"stats": stats, "params": full_params(engine), "state": full_state(engine, state),
             "steps": state.steps, "accumulating": accumulating, "bytes": state.state_bytes(),
             "local_numel": sum(b.numel for b in state.buckets)}
 
 
+def run(engine, rank: int, world: int, gas: int = 1) -> dict:
+    """The recipe: per task STEPS optimizer steps of gas micro-steps each, then consolidate."""
+    state = ak.attach(engine, aim_config())
+    stats, accumulating = [], 0
+    for task in range(TASKS):
+        for step in range(STEPS):
+            out, acc = train_step(engine, task, step, rank, world, gas)
+            count, held = masked_equals_anchor(state)
+            stats.append({**out, "held": {"count": count, "held": held}})
+            accumulating += acc
+        ak.consolidate(engine)
+    return result(engine, state, stats, accumulating)
+
+
+def resume(rank: int, world: int, out: str, stage: int, opt: str) -> dict:
+    """Save in the middle of task 1 (Omega, F, anchors and optimizer moments all in play),
+    load into a fresh engine of another initial model, and finish both: equal bit for bit."""
+    from aim_kernels.integrations import deepspeed as ds_ckpt
+    ckpt = os.path.join(out, f"ckpt-z{stage}-w{world}")
+    engines = {}
+    for name in ("straight", "resumed"):
+        engine = engine_for(ds_config(stage, world), opt, seed=0 if name == "straight" else 5)
+        state = ak.attach(engine, aim_config())
+        if name == "straight":
+            for step in range(STEPS):
+                train_step(engine, 0, step, rank, world)
+            ak.consolidate(engine)
+            train_step(engine, 1, 0, rank, world)
+            ds_ckpt.save_checkpoint(engine, ckpt, tag="mid")
+        else:
+            ds_ckpt.load_checkpoint(engine, ckpt, tag="mid")
+        for step in range(1, STEPS):
+            train_step(engine, 1, step, rank, world)
+        ak.consolidate(engine)
+        engines[name] = result(engine, state, [])
+    return engines
+
+
+def never_zero(rank: int, world: int, out: str, stage: int) -> dict:
+    """Under ZeRO-2/3 every p.grad is None after backward; masked_step must read the reduced
+    gradients (their sum of squares is that of a plain model's gradient), and refuse to
+    run when no backward fed the partitions (before the first one, after engine.step())."""
+    engine = engine_for(ds_config(stage, world), "sgd")
+    ak.attach(engine, aim_config())
+    errors = []
+    try:
+        ak.masked_step(engine)
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    x, y = micro_batch(0, 0, 0, rank, world, 1)
+    engine.backward(nn.functional.cross_entropy(engine(x), y))
+    grads_none = all(p.grad is None for p in engine.module.parameters())
+    got = {g: v["grad_sq"] for g, v in ak.masked_step(engine).as_dict().items()}
+    engine.step()
+    try:
+        ak.masked_step(engine)
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    plain = ToyVLM(seed=0)
+    xs, ys = micro_batch(0, 0, 0, 0, 1, 1)
+    nn.functional.cross_entropy(plain(xs), ys).backward()
+    want = {g: sum(float(p.grad.double().pow(2).sum()) for n, p in plain.named_parameters()
+                   if n.startswith(g + ".")) for g in got}
+    return {"grads_none": grads_none, "got": got, "want": want, "errors": errors}
+
+
+def unsupported(rank: int, world: int, out: str) -> dict:
+    """attach on an engine that uses each unsupported feature: the error names it, and no
+    state is attached. The features are switched on in the engine's own config objects
+    (most cannot be initialised on this CPU: NVMe needs libaio, MiCS/hpZ several nodes)."""
+    engine = engine_for(ds_config(3, world), "sgd")
+    zc = engine._config.zero_config
+    features = {
+        "pipeline parallelism": ("engine", "pipeline_parallelism", True),
+        "ZeRO++ quantized gradients": ("zero", "zero_quantized_gradients", True),
+        "ZeRO++ quantized weights": ("zero", "zero_quantized_weights", True),
+        "ZeRO++ hierarchical partitioning": ("zero", "zero_hpz_partition_size", 2),
+        "NVMe offload": ("zero", "offload_optimizer", {"device": "nvme"}),
+        "mixture of experts": ("engine", "has_moe_layers", True),
+    }
+    messages = {}
+    for feature, (where, attr, value) in features.items():
+        obj = engine if where == "engine" else zc
+        old = getattr(obj, attr)
+        object.__setattr__(obj, attr, value)
+        try:
+            ak.attach(engine, aim_config())
+            messages[feature] = None
+            ak.detach(engine)
+        except NotImplementedError as exc:
+            messages[feature] = str(exc)
+        finally:
+            object.__setattr__(obj, attr, old)
+    ak.attach(engine, aim_config())           # and with every feature off again, it attaches
+    return {"messages": messages}
+
+
+def nonfinite(rank: int, world: int, out: str) -> dict:
+    """A step DeepSpeed skips (non-finite gradient norm under clipping) leaves the AIM state,
+    the step count and the fp32 masters untouched."""
+    engine = engine_for(ds_config(2, world) | {"gradient_clipping": 1.0}, "sgd")
+    state = ak.attach(engine, aim_config())
+    train_step(engine, 0, 0, rank, world)
+    before = {k: v.clone() for k, v in state.state_dict().items()}
+    masters = full_params(engine)
+    x, y = micro_batch(0, 1, 0, rank, world, 1)
+    x[0, 0] = float("inf")
+    engine.backward(nn.functional.cross_entropy(engine(x), y))
+    stats = ak.masked_step(engine)
+    engine.step()
+    after = state.state_dict()
+    return {"skipped": stats.skipped, "ds_overflow": bool(engine.optimizer.overflow),
+            "state_same": all(torch.equal(before[k], after[k]) for k in before),
+            "params_same": all(torch.equal(masters[k], v) for k, v in full_params(engine).items()),
+            "steps": state.steps}
+
+
 def scenarios(world: int):
-    """(name, function of (rank, world, out) -> dict) for every configuration compared."""
+    """(name, function of (rank, world, out) -> result) of every configuration the tests
+    look at; the 1-process run holds only the references the 2-process runs compare with."""
     out = []
     for stage in (0, 1, 2, 3):
         for opt in ("sgd", "adamw"):
             out.append((f"z{stage}-{opt}", lambda r, w, o, s=stage, op=opt:
                         run(engine_for(ds_config(s, w), op), r, w)))
-    out.append(("z2-gas4", lambda r, w, o: run(engine_for(ds_config(2, w, gas=4), "sgd"), r, w, gas=4)))
-    out.append(("z3-gas4", lambda r, w, o: run(engine_for(ds_config(3, w, gas=4), "adamw"), r, w, gas=4)))
-    out.append(("z2-offload", lambda r, w, o: run(engine_for(ds_config(2, w, offload=True), "adamw"), r, w)))
-    out.append(("z3-offload", lambda r, w, o: run(engine_for(ds_config(3, w, offload=True), "adamw"), r, w)))
-    out.append(("z2-bf16", lambda r, w, o: run(engine_for(ds_config(2, w, bf16=True), "adamw"), r, w)))
-    out.append(("z3-bf16", lambda r, w, o: run(engine_for(ds_config(3, w, bf16=True), "adamw"), r, w)))
+    for stage in (2, 3):
+        out.append((f"z{stage}-bf16", lambda r, w, o, s=stage:
+                    run(engine_for(ds_config(s, w, bf16=True), "adamw"), r, w)))
+    if world == 1:
+        return out + [("unsupported", unsupported)]
+    out += [
+        ("z2-gas4", lambda r, w, o: run(engine_for(ds_config(2, w, gas=4), "sgd"), r, w, gas=4)),
+        ("z3-gas4", lambda r, w, o: run(engine_for(ds_config(3, w, gas=4), "adamw"), r, w, gas=4)),
+        ("z2-offload", lambda r, w, o: run(engine_for(ds_config(2, w, offload=True), "adamw"), r, w)),
+        ("z3-offload", lambda r, w, o: run(engine_for(ds_config(3, w, offload=True), "adamw"), r, w)),
+        ("z3-offload-param", lambda r, w, o: run(engine_for(ds_config(
+            3, w, offload=True, offload_param={"device": "cpu"}), "adamw"), r, w)),
+        ("nonfinite", nonfinite),
+    ]
+    for stage in (2, 3):
+        out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
+        out.append((f"z{stage}-never-zero", lambda r, w, o, s=stage: never_zero(r, w, o, s)))
     return out
 
 
