@@ -55,12 +55,13 @@ def _device(zc, what: str) -> str:
     return str(_cfg(zc, what, "device", default="none")).lower().split(".")[-1]
 
 
-def unsupported_features(engine) -> list[str]:
-    """The DeepSpeed features this engine uses that the adapter does not support."""
+def unsupported_features(engine, zero_config=None) -> list[str]:
+    """The DeepSpeed features this engine (or this ``zero_optimization`` config, when the
+    engine is out of reach) uses that the adapter does not support."""
     found = []
     ds = sys.modules["deepspeed"]
-    zc = engine.zero_optimization() and engine._config.zero_config
-    zc = zc or None
+    zc = zero_config if engine is None else (
+        engine._config.zero_config if engine.zero_optimization() else None)
     if isinstance(engine, ds.PipelineEngine) or getattr(engine, "pipeline_parallelism", False):
         found.append("pipeline parallelism (PipelineEngine)")
     if _cfg(zc, "zero_quantized_gradients", default=False):
@@ -75,6 +76,8 @@ def unsupported_features(engine) -> list[str]:
     for what in ("offload_optimizer", "offload_param"):
         if _device(zc, what) == "nvme":
             found.append(f"NVMe offload ({what}.device = nvme)")
+    if engine is None:
+        return found
     if getattr(engine, "mpu", None) is not None or getattr(engine, "autotp_size", lambda: 0)() > 1:
         found.append("tensor / model parallelism (mpu, AutoTP)")
     if getattr(engine, "has_moe_layers", False):
@@ -462,14 +465,38 @@ def attach(engine, config, groups_fn) -> ZeroState:
     return ZeroState(engine, engine.optimizer, stage, groups, members, config)
 
 
-def attach_optimizer(module, optimizer, config, groups_fn) -> ZeroState:
-    """The state for a DeepSpeed optimizer whose engine is out of reach (the HF Trainer's
-    callbacks see the module and the optimizer only); its steps are run by
-    :func:`step_inside` from within the optimizer's own ``step``."""
-    stage = 3 if type(optimizer).__name__.endswith("Stage3") else \
-        int(getattr(optimizer, "partition_gradients", False)) + 1 if hasattr(optimizer, "bit16_groups") else 0
+def deepspeed_optimizer(optimizer):
+    """The DeepSpeed ZeRO optimizer behind ``optimizer`` (accelerate wraps it), or None."""
+    ds = sys.modules.get("deepspeed")
+    if ds is None or optimizer is None:
+        return None
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    for opt in (optimizer, getattr(optimizer, "optimizer", None)):
+        if isinstance(opt, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+            return opt
+    return None
+
+
+def attach_optimizer(module, optimizer, config, groups_fn, previous: "ZeroState | None" = None):
+    """The state for a ZeRO optimizer whose engine is out of reach: the HF Trainer's
+    callbacks see the module and the optimizer only, and its DeepSpeed path runs
+    ``engine.backward`` and ``engine.step`` in one call (accelerate's ``backward``), leaving
+    no point in between; so ``masked_step`` runs at the start of the optimizer's own step
+    (:func:`step_inside`), which DeepSpeed calls at accumulation boundaries only.
+
+    Each ``trainer.train()`` builds a new engine: ``previous`` (the state of the last task's
+    engine) is carried into the new one, whose partitions are laid out alike.
+    """
+    stage = 3 if hasattr(optimizer, "fp32_partitioned_groups_flat") else \
+        (2 if getattr(optimizer, "partition_gradients", False) else 1)
     groups, members = groups_fn(module)
-    return ZeroState(None, optimizer, stage, groups, members, config)
+    state = ZeroState(None, optimizer, stage, groups, members, config)
+    if previous is not None:
+        previous.remove_hooks()
+        state.load_state_dict(previous.state_dict())
+    step_inside(state)
+    return state
 
 
 def step_inside(state: ZeroState):
@@ -483,15 +510,19 @@ def step_inside(state: ZeroState):
     def step(*args, **kwargs):
         state.last_stats = state.masked_step()
         out = original(*args, **kwargs)
-        overflow = getattr(opt, "overflow", None)
-        if overflow is not None and bool(overflow) != (state.last_skip_reason is not None) \
-                and state.last_skip_reason is None:
+        if getattr(opt, "overflow", False) and state.last_skip_reason is None:
             warnings.warn("aim_kernels: DeepSpeed skipped an optimizer step whose gradients were "
                           "finite; the AIM state took it", RuntimeWarning, stacklevel=2)
         return out
 
     opt.step = step
-    return original
+    previous_untrack = getattr(state, "_untrack", None)
+
+    def untrack():
+        vars(opt).pop("step", None)
+        if previous_untrack:
+            previous_untrack()
+    state._untrack = untrack
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -518,4 +549,32 @@ def save_atomic(state: ZeroState, path: str) -> None:
         os.close(dfd)
 
 
-__all__ = ["ZeroState", "attach", "check_supported", "is_engine", "unsupported_features"]
+
+
+
+def trainer_attach(module, optimizer, config, args=None) -> ZeroState:
+    """``AIMCallback.on_train_begin`` under ``TrainingArguments(deepspeed=...)``: attach to
+    the ZeRO optimizer of this ``train()``'s engine, carrying the last task's state over."""
+    from . import step as _step
+    ds_opt = deepspeed_optimizer(optimizer)
+    if ds_opt is None:
+        raise NotImplementedError(
+            "AIMCallback: under TrainingArguments(deepspeed=...) aim_kernels supports ZeRO "
+            f"stages 1-3; the Trainer's optimizer is {type(optimizer).__name__}")
+    hf_config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    found = unsupported_features(None, hf_config.get("zero_optimization") or {})
+    if found:
+        raise NotImplementedError("AIMCallback: the DeepSpeed config uses " + "; ".join(found) +
+                                  ", which aim_kernels does not support")
+    previous = _step._STATES.get(module)
+    if previous is not None and not isinstance(previous, ZeroState):
+        raise RuntimeError("AIMCallback: the model has a plain AIMState; detach it before "
+                           "training with DeepSpeed")
+    cfg = config if config is not None else (previous.config if previous is not None else None)
+    from .config import AIMConfig
+    cfg = cfg or AIMConfig()
+    cfg.validate()
+    state = attach_optimizer(module, ds_opt, cfg, lambda m: _step._groups(m, cfg), previous)
+    _step._STATES[module] = state
+    return state
+__all__ = ["ZeroState", "attach", "attach_optimizer", "check_supported", "is_engine", "trainer_attach", "unsupported_features"]

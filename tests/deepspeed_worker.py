@@ -264,6 +264,54 @@ def nonfinite(rank: int, world: int, out: str) -> dict:
             "steps": state.steps}
 
 
+def trainer_two_tasks(rank: int, world: int, out: str, stage: int) -> dict:
+    """HF Trainer + TrainingArguments(deepspeed=...) + AIMCallback, one train() per task
+    (each builds a new engine; the state carries over): the masked elements of task 1
+    (keep 0, SGD) stay at their anchors through task 2."""
+    import transformers
+    from aim_kernels.continual.tiny import tiny_llava
+    from aim_kernels.integrations import AIMCallback
+    from tests.test_trainer import AnswerTrainer, TaskData
+    steps = 4
+    callback = AIMCallback(ak.preset("aim"))
+    model = tiny_llava(seed=0, layers=1)
+    masks, result = None, {}
+    for task in ("colour", "position"):
+        ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "gradient_clipping": "auto",
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10 ** 9}
+        args = transformers.TrainingArguments(
+            output_dir=os.path.join(out, f"trainer-z{stage}-{task}"), deepspeed=ds,
+            per_device_train_batch_size=8 // world, max_steps=steps, learning_rate=3e-2,
+            optim="sgd", weight_decay=0.0, max_grad_norm=1.0, report_to=[], save_strategy="no",
+            logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, seed=0,
+            dataloader_num_workers=0, lr_scheduler_type="constant", use_cpu=True)
+        AnswerTrainer(model=model, args=args, train_dataset=TaskData(task, n=steps * 8),
+                      callbacks=[callback]).train()
+        state = callback.state
+        state.pull_params()
+        if masks is None:
+            masks = []
+            for b in state.buckets:
+                masked = torch.zeros(b.numel, dtype=torch.bool)
+                for g in range(state.num_groups):
+                    lo, hi = b.group_range(g)
+                    om = b.importance[lo:hi]
+                    masked[lo:hi] = (om >= b.thresh[g]) & (om > 0)
+                masks.append((masked, b.anchor.clone()))
+            result["masked"] = sum(int(m.sum()) for m, _ in masks)
+            result["steps_task1"] = state.steps
+    result["held"] = all(torch.equal(b.param[m], a[m]) for b, (m, a) in zip(state.buckets, masks))
+    result["moved"] = sum(int((b.param[~m] != a[~m]).sum()) for b, (m, a) in zip(state.buckets, masks))
+    result["steps"] = state.steps
+    result["local_numel"] = sum(b.numel for b in state.buckets)
+    result["total_numel"] = sum(p.numel() for p in model.parameters() if p.requires_grad) \
+        if stage < 3 else sum(p.ds_numel for p in model.parameters() if p.requires_grad)
+    result["grad_sq"] = state.last_stats.as_dict()["projector"]["grad_sq"]
+    return result
+
+
 def scenarios(world: int):
     """(name, function of (rank, world, out) -> result) of every configuration the tests
     look at; the 1-process run holds only the references the 2-process runs compare with."""
@@ -289,12 +337,13 @@ def scenarios(world: int):
     for stage in (2, 3):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
         out.append((f"z{stage}-never-zero", lambda r, w, o, s=stage: never_zero(r, w, o, s)))
+        out.append((f"z{stage}-trainer", lambda r, w, o, s=stage: trainer_two_tasks(r, w, o, s)))
     return out
 
 
 def worker(rank: int, world: int, port: int, out: str, only: list | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       DS_ACCELERATOR="cpu")
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)

@@ -178,3 +178,14 @@ def test_unsupported_features_are_named_at_attach(runs):
     for feature, message in messages.items():
         assert message is not None, f"{feature}: attach accepted it"
         assert feature in message, message
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_deepspeed_two_tasks_holds_masked_elements(runs, stage):
+    """Trainer(args=TrainingArguments(deepspeed=...), callbacks=[AIMCallback(preset aim)])."""
+    results = runs(f"z{stage}-trainer")
+    for r in results:
+        assert r["steps_task1"] == 4 and r["steps"] == 8     # one state across both engines
+        assert r["masked"] > 0 and r["held"] and r["moved"] > 0
+        assert r["grad_sq"] > 0
+    assert sum(r["local_numel"] for r in results) == results[0]["total_numel"]

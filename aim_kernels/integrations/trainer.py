@@ -21,16 +21,23 @@ class AIMCallback(TrainerCallback):
         self.last_stats = None
         self.state = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise RuntimeError("AIMCallback: the Trainer passed no model to on_train_begin")
+        if args.deepspeed:            # DeepSpeed: a new engine per train(); see zero.py
+            from ..zero import trainer_attach
+            self.state = trainer_attach(model, optimizer, self.config, args)
+            return
         try:
             self.state = _step.state_of(model)
         except RuntimeError:
             self.state = _step.attach(model, self.config)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.last_stats = _step.masked_step(model, skip=_skip_flag(optimizer))
+        if args.deepspeed:            # masked_step ran inside DeepSpeed's optimizer step
+            self.last_stats = self.state.last_stats
+        else:
+            self.last_stats = _step.masked_step(model, skip=_skip_flag(optimizer))
         if self.log_every and state.global_step % self.log_every == 0:
             state.log_history.append({"step": state.global_step,
                                       "aim": self.last_stats.as_dict()})
