@@ -26,7 +26,7 @@ def aim_config() -> ak.AIMConfig:
 
 
 def ds_config(stage: int, world: int, *, gas: int = 1, offload: bool = False,
-              bf16: bool = False, **extra_zero) -> dict:
+              bf16: bool = False, fp16: bool = False, **extra_zero) -> dict:
     micro = GLOBAL_BATCH // (world * gas)
     zero = {"stage": stage, **extra_zero}
     if stage == 3:
@@ -39,7 +39,17 @@ def ds_config(stage: int, world: int, *, gas: int = 1, offload: bool = False,
            "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
     if bf16:
         cfg["bf16"] = {"enabled": True}
+    if fp16:     # a loss scale of 2^10: the division by the scale is not a no-op
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 1000}
+        allow_fp16_on_cpu()
     return cfg
+
+
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator reports fp16 unsupported where oneDNN lacks fp16 kernels;
+    torch still computes in fp16 on the CPU (slowly), which is all these tiny runs need."""
+    from deepspeed.accelerator import get_accelerator
+    get_accelerator().is_fp16_supported = lambda: True
 
 
 def make_optimizer(name: str, params):
@@ -129,7 +139,8 @@ def train_step(engine, task: int, step: int, rank: int, world: int, gas: int = 1
     accumulating, stats = 0, None
     for micro in range(gas):
         x, y = micro_batch(task, step, micro, rank, world, gas)
-        x = x.to(torch.bfloat16) if engine.bfloat16_enabled() else x
+        x = x.to(torch.bfloat16) if engine.bfloat16_enabled() else \
+            x.half() if engine.fp16_enabled() else x
         engine.backward(nn.functional.cross_entropy(engine(x).float(), y))
         out = ak.masked_step(engine)
         if getattr(out, "accumulating", False):
@@ -244,16 +255,17 @@ def unsupported(rank: int, world: int, out: str) -> dict:
     return {"messages": messages}
 
 
-def nonfinite(rank: int, world: int, out: str) -> dict:
-    """A step DeepSpeed skips (non-finite gradient norm under clipping) leaves the AIM state,
-    the step count and the fp32 masters untouched."""
-    engine = engine_for(ds_config(2, world) | {"gradient_clipping": 1.0}, "sgd")
+def nonfinite(rank: int, world: int, out: str, fp16: bool = False) -> dict:
+    """A step DeepSpeed skips (fp16: loss-scale overflow; fp32: non-finite gradient norm under
+    clipping) leaves the AIM state, the step count and the fp32 masters untouched."""
+    engine = engine_for(ds_config(2, world, fp16=fp16) | {"gradient_clipping": 1.0}, "sgd")
     state = ak.attach(engine, aim_config())
     train_step(engine, 0, 0, rank, world)
     before = {k: v.clone() for k, v in state.state_dict().items()}
     masters = full_params(engine)
     x, y = micro_batch(0, 1, 0, rank, world, 1)
     x[0, 0] = float("inf")
+    x = x.half() if fp16 else x
     engine.backward(nn.functional.cross_entropy(engine(x), y))
     stats = ak.masked_step(engine)
     engine.step()
@@ -333,6 +345,9 @@ def scenarios(world: int):
         ("z3-offload-param", lambda r, w, o: run(engine_for(ds_config(
             3, w, offload=True, offload_param={"device": "cpu"}), "adamw"), r, w)),
         ("nonfinite", nonfinite),
+        ("nonfinite-fp16", lambda r, w, o: nonfinite(r, w, o, fp16=True)),
+        ("z2-fp16", lambda r, w, o: run(engine_for(ds_config(2, w, fp16=True), "sgd"), r, w)),
+        ("z3-fp16", lambda r, w, o: run(engine_for(ds_config(3, w, fp16=True), "adamw"), r, w)),
     ]
     for stage in (2, 3):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))

@@ -189,3 +189,25 @@ def test_trainer_deepspeed_two_tasks_holds_masked_elements(runs, stage):
         assert r["masked"] > 0 and r["held"] and r["moved"] > 0
         assert r["grad_sq"] > 0
     assert sum(r["local_numel"] for r in results) == results[0]["total_numel"]
+
+
+@pytest.mark.parametrize("name,ref", [("z2-fp16", "z2-sgd"), ("z3-fp16", "z3-adamw")])
+def test_fp16_engine_unscales_before_the_step(runs, name, ref):
+    """fp16 with a loss scale of 2^10 (fp16 enabled on the CPU for the test): the step sees
+    the true gradient (F and the stats match the fp32 run to fp16 precision; without the
+    division by the scale they would be 2^20 times larger), masks and counts are exact, and
+    the gradient goes back scaled (under SGD a missing re-scale would shrink every step)."""
+    want = runs(ref, world=1)[0]
+    for rank, got in enumerate(runs(name)):
+        for step, (g, w) in enumerate(zip(got["stats"], want["stats"])):
+            for group in GROUPS:
+                assert g[group]["masked"] == w[group]["masked"]
+                assert g[group]["grad_sq"] == pytest.approx(w[group]["grad_sq"], rel=2e-2)
+            assert g["held"]["held"]
+        _close(got["params"], want["params"], f"fp16 rank {rank}", rtol=0, atol=5e-3)
+
+
+def test_fp16_overflow_leaves_state_untouched(runs):
+    for r in runs("nonfinite-fp16"):
+        assert r["ds_overflow"] and r["skipped"]
+        assert r["state_same"] and r["params_same"] and r["steps"] == 1
