@@ -92,7 +92,10 @@ def unsupported_features(engine, zero_config=None) -> list[str]:
     if getattr(engine.optimizer, "use_muon", False):
         found.append("the Muon optimizer")
     if engine.fp16_enabled() and engine.zero_optimization_stage() == 0:
-        found.append("fp16 at ZeRO stage 0 (FP16_Optimizer; use ZeRO-1 or bf16)")
+        # DeepSpeed 0.19's engine.backward scales the loss for ZeRO optimizers only, while
+        # its stage-0 FP16 optimizers unscale in their step: the scale in the gradients is
+        # not the one the optimizer reports, so the AIM step could not read true gradients.
+        found.append("fp16 at ZeRO stage 0 (use ZeRO-1, or bf16)")
     return found
 
 
@@ -130,6 +133,26 @@ class _Replicated:
 
     def inner_optimizers(self):
         return [self.optimizer]
+
+
+class _Unfused(_Replicated):
+    """Stage 0, bf16/fp16 (FP16_UnfusedOptimizer): a replicated fp32 master per parameter;
+    the 16-bit ``.grad`` (times the loss scale) is all-reduced."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer)
+        self._master = {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups)
+                        for lp, hp in zip(lps, hps)}
+
+    def master(self, p) -> torch.Tensor:
+        return self._master[id(p)].data.view(-1)
+
+    def sync_params(self, slots) -> None:
+        for s in slots:
+            s.param.data.copy_(self.master(s.param).view_as(s.param))
+
+    def inner_optimizers(self):
+        return [self.optimizer.optimizer]
 
 
 class _Flat:
@@ -228,6 +251,9 @@ def _partition_of(optimizer, stage: int):
         return _Flat(optimizer)
     if isinstance(optimizer, torch.optim.Optimizer):
         return _Replicated(optimizer)
+    if hasattr(optimizer, "fp16_groups") and isinstance(getattr(optimizer, "fp32_groups", None), list) \
+            and all(isinstance(g, list) for g in optimizer.fp32_groups):
+        return _Unfused(optimizer)
     raise NotImplementedError(f"attach: DeepSpeed optimizer {type(optimizer).__name__} at ZeRO "
                               f"stage {stage} is not supported")
 
@@ -375,10 +401,16 @@ class ZeroState(AIMState):
 
     # the step
     def loss_scale(self) -> float:
-        scale = getattr(self.optimizer, "loss_scale", None)
-        if scale is None or isinstance(self.optimizer, torch.optim.Optimizer):
+        """The factor the gradients in the partitions carry: ``engine.backward`` scales the
+        loss through the ZeRO optimizer's ``scale_if_loss`` (stages 1-3) and not otherwise."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+        opt = self.optimizer
+        if not isinstance(opt, ZeROOptimizer):
             return 1.0
-        return float(scale)
+        if getattr(opt, "custom_loss_scaler", False):
+            return float(opt.external_loss_scale)
+        scaler = getattr(opt, "loss_scaler", None)
+        return 1.0 if scaler is None else float(scaler.cur_scale)
 
     def skips_nonfinite(self) -> bool:
         """Will DeepSpeed skip an optimizer step whose gradient is not finite?"""

@@ -80,10 +80,17 @@ def micro_batch(task: int, step: int, micro: int, rank: int, world: int, gas: in
 def full_params(engine) -> dict[str, torch.Tensor]:
     """Every parameter's full fp32 master (gathered over the ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param
+    opt = engine.optimizer
+    masters = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", []),
+                                              getattr(opt, "fp32_groups", []))
+               for lp, hp in zip(lps, hps)} if engine.zero_optimization_stage() == 0 else {}
     out = {}
     for name, p in engine.module.named_parameters():
-        out[name] = (safe_get_full_fp32_param(p) if engine.zero_optimization_stage() > 0
-                     or engine.bfloat16_enabled() else p.detach()).detach().clone().float()
+        if engine.zero_optimization_stage() > 0:
+            full = safe_get_full_fp32_param(p)
+        else:
+            full = masters.get(id(p), p)
+        out[name] = full.detach().clone().float()
     return out
 
 
@@ -238,6 +245,12 @@ def unsupported(rank: int, world: int, out: str) -> dict:
         "NVMe offload": ("zero", "offload_optimizer", {"device": "nvme"}),
         "mixture of experts": ("engine", "has_moe_layers", True),
     }
+    engine0 = engine_for(ds_config(0, world, fp16=True), "sgd")
+    try:
+        ak.attach(engine0, aim_config())
+        messages_fp16 = None
+    except NotImplementedError as exc:
+        messages_fp16 = str(exc)
     messages = {}
     for feature, (where, attr, value) in features.items():
         obj = engine if where == "engine" else zc
@@ -251,6 +264,7 @@ def unsupported(rank: int, world: int, out: str) -> dict:
             messages[feature] = str(exc)
         finally:
             object.__setattr__(obj, attr, old)
+    messages["fp16 at ZeRO stage 0"] = messages_fp16
     ak.attach(engine, aim_config())           # and with every feature off again, it attaches
     return {"messages": messages}
 
@@ -332,7 +346,7 @@ def scenarios(world: int):
         for opt in ("sgd", "adamw"):
             out.append((f"z{stage}-{opt}", lambda r, w, o, s=stage, op=opt:
                         run(engine_for(ds_config(s, w), op), r, w)))
-    for stage in (2, 3):
+    for stage in (0, 2, 3):
         out.append((f"z{stage}-bf16", lambda r, w, o, s=stage:
                     run(engine_for(ds_config(s, w, bf16=True), "adamw"), r, w)))
     if world == 1:

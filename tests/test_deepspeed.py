@@ -107,12 +107,16 @@ def test_stages_agree_with_each_other_and_the_plain_library(runs):
         assert got["steps"] == state.steps
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_bf16_engine_two_ranks_equal_one(runs, stage):
     want = runs(f"z{stage}-bf16", world=1)[0]
     for rank, got in enumerate(runs(f"z{stage}-bf16")):
         # bf16 forward/backward: the reduction order shows at bf16 precision
         _same_run(got, want, f"ZeRO-{stage} bf16 rank {rank}", rtol=2e-2, atol=2e-3, stat_rel=5e-2)
+    # and the step saw the true gradient: the first step's stats are the fp32 run's
+    fp32 = runs(f"z{stage}-adamw", world=1)[0]["stats"][0]
+    for group in GROUPS:
+        assert want["stats"][0][group]["grad_sq"] == pytest.approx(fp32[group]["grad_sq"], rel=2e-2)
 
 
 @pytest.mark.parametrize("name,ref", [("z2-gas4", "z2-sgd"), ("z3-gas4", "z3-adamw")])
