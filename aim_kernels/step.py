@@ -71,7 +71,11 @@ class StepStats:
     ``skipped`` is True when the step was skipped (``masked_step(..., skip=...)``): the
     stats are then all zero. For a sharded (FSDP2) model the stats are of this
     process's shard; :meth:`as_dict` all-reduces them, so every process must call it.
+    ``accumulating`` is True for a DeepSpeed micro-step inside the gradient accumulation
+    window (the call did nothing; it acts at the boundary).
     """
+
+    accumulating = False
 
     def __init__(self, tensor: torch.Tensor, group_names: list[str], *, skipped: bool = False,
                  collectives=None):

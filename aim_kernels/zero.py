@@ -232,8 +232,12 @@ class _Stage3:
     def sync_params(self, slots) -> None:
         for s in slots:
             self._lp_slice(s.param).copy_(self.master(s.param))
+        # The small parameters DeepSpeed keeps gathered ("persistent") would go on serving
+        # their old values: release every parameter and gather those again, as the end of
+        # DeepSpeed's own step does (all ranks call this: both are collectives).
+        self.optimizer._partition_all_parameters()
         persistent = getattr(self.optimizer, "persistent_parameters", None)
-        if persistent:      # small parameters DeepSpeed keeps gathered: gather them again
+        if persistent:
             persistent[0].all_gather(persistent)
 
     def _lp_slice(self, p):

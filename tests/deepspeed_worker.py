@@ -22,7 +22,7 @@ TASKS, STEPS = 2, 3
 
 def aim_config() -> ak.AIMConfig:
     return ak.AIMConfig(groups=toy_groups(mask_ratio=0.3, lam=2.0), align_every=2,
-                        align_ratio=0.5, beta=0.9)
+                        align_ratio=0.5, beta=0.9, merge="linear", merge_alpha=0.7)
 
 
 def ds_config(stage: int, world: int, *, gas: int = 1, offload: bool = False,
@@ -346,24 +346,28 @@ def scenarios(world: int):
         for opt in ("sgd", "adamw"):
             out.append((f"z{stage}-{opt}", lambda r, w, o, s=stage, op=opt:
                         run(engine_for(ds_config(s, w), op), r, w)))
-    for stage in (0, 2, 3):
+    for stage in (0, 1, 2, 3):
         out.append((f"z{stage}-bf16", lambda r, w, o, s=stage:
                     run(engine_for(ds_config(s, w, bf16=True), "adamw"), r, w)))
     if world == 1:
         return out + [("unsupported", unsupported)]
     out += [
+        ("z0-gas4", lambda r, w, o: run(engine_for(ds_config(0, w, gas=4), "sgd"), r, w, gas=4)),
+        ("z1-gas4", lambda r, w, o: run(engine_for(ds_config(1, w, gas=4), "adamw"), r, w, gas=4)),
         ("z2-gas4", lambda r, w, o: run(engine_for(ds_config(2, w, gas=4), "sgd"), r, w, gas=4)),
         ("z3-gas4", lambda r, w, o: run(engine_for(ds_config(3, w, gas=4), "adamw"), r, w, gas=4)),
+        ("z1-offload", lambda r, w, o: run(engine_for(ds_config(1, w, offload=True), "adamw"), r, w)),
         ("z2-offload", lambda r, w, o: run(engine_for(ds_config(2, w, offload=True), "adamw"), r, w)),
         ("z3-offload", lambda r, w, o: run(engine_for(ds_config(3, w, offload=True), "adamw"), r, w)),
         ("z3-offload-param", lambda r, w, o: run(engine_for(ds_config(
             3, w, offload=True, offload_param={"device": "cpu"}), "adamw"), r, w)),
         ("nonfinite", nonfinite),
         ("nonfinite-fp16", lambda r, w, o: nonfinite(r, w, o, fp16=True)),
+        ("z1-fp16", lambda r, w, o: run(engine_for(ds_config(1, w, fp16=True), "adamw"), r, w)),
         ("z2-fp16", lambda r, w, o: run(engine_for(ds_config(2, w, fp16=True), "sgd"), r, w)),
         ("z3-fp16", lambda r, w, o: run(engine_for(ds_config(3, w, fp16=True), "adamw"), r, w)),
     ]
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
         out.append((f"z{stage}-never-zero", lambda r, w, o, s=stage: never_zero(r, w, o, s)))
         out.append((f"z{stage}-trainer", lambda r, w, o, s=stage: trainer_two_tasks(r, w, o, s)))
