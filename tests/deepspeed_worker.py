@@ -367,9 +367,10 @@ def scenarios(world: int):
         ("z2-fp16", lambda r, w, o: run(engine_for(ds_config(2, w, fp16=True), "sgd"), r, w)),
         ("z3-fp16", lambda r, w, o: run(engine_for(ds_config(3, w, fp16=True), "adamw"), r, w)),
     ]
+    for stage in (0, 1, 2, 3):
+        out.append((f"z{stage}-never-zero", lambda r, w, o, s=stage: never_zero(r, w, o, s)))
     for stage in (1, 2, 3):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
-        out.append((f"z{stage}-never-zero", lambda r, w, o, s=stage: never_zero(r, w, o, s)))
         out.append((f"z{stage}-trainer", lambda r, w, o, s=stage: trainer_two_tasks(r, w, o, s)))
     return out
 

@@ -165,10 +165,10 @@ def test_resume_from_deepspeed_checkpoint_is_exact(runs, stage):
         assert a["steps"] == b["steps"] == W.TASKS * W.STEPS
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_masked_step_never_reads_zero_for_real_gradients(runs, stage):
     for r in runs(f"z{stage}-never-zero"):
-        assert r["grads_none"]               # ZeRO-2/3: every p.grad is None after backward
+        assert r["grads_none"] == (stage >= 1)   # ZeRO-1/2/3: every p.grad is None after backward
         for group, want in r["want"].items():
             assert want > 0 and r["got"][group] == pytest.approx(want, rel=1e-5)
         assert len(r["errors"]) == 2         # before any backward; after engine.step()
