@@ -281,6 +281,8 @@ class ZeroState(AIMState):
     step, so the state's bytes are 6 x 4 per owned element.
     """
 
+    engine_kind = "deepspeed"
+
     def __init__(self, engine, optimizer, stage: int, groups, members, config):
         self.engine = engine
         self.stage = stage
@@ -292,7 +294,8 @@ class ZeroState(AIMState):
         if self.partition.sharded:
             self.collectives = sharding.Collectives(_dp_group(optimizer, stage))
             self.refresh_thresholds()
-        self._hooks = [o.register_step_post_hook(self._hold_masks)
+            self.reindex_holds()
+        self._hooks = [o.register_step_post_hook(lambda *_args, **_kw: self.hold_masks_())
                        for o in self.partition.inner_optimizers()]
         self.last_skip_reason = None
         self._track_backward()
@@ -375,25 +378,15 @@ class ZeroState(AIMState):
     def zero_grad(self) -> None:
         raise RuntimeError("zero_grad: a DeepSpeed engine zeroes its own gradients (engine.step())")
 
-    # masks hold on the update (DESIGN.md 2.4)
+    # masks hold on the update (DESIGN.md 2.4): the held positions are indexed by
+    # AIMState.reindex_holds (attach, consolidate, load); here they go into the masters
     @torch.no_grad()
-    def _hold_masks(self, *_args, **_kwargs) -> None:
-        for b in self.buckets:
-            frozen = [g for g in range(self.num_groups) if float(b.keep[g]) == 0.0]
-            for g in frozen:
-                lo, hi = b.group_range(g)
-                if lo == hi or not torch.isfinite(b.thresh[g]):
-                    continue
-                om = b.importance[lo:hi]
-                masked = (om >= b.thresh[g]) & (om > 0)
-                if not bool(masked.any()):
-                    continue
-                for s in b.slots:
-                    if s.group != g:
-                        continue
-                    m = masked[s.start - lo:s.start - lo + s.numel]
-                    master = self.partition.master(s.param)
-                    master[m] = s.param_view(b.anchor)[m].to(master.dtype)
+    def hold_masks_(self) -> None:
+        for h in self._holds:
+            b = h.bucket
+            for s, idx in h.copied:
+                master = self.partition.master(s.param)
+                master.index_copy_(0, idx, s.param_view(b.anchor).index_select(0, idx).to(master.dtype))
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
