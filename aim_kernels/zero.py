@@ -278,7 +278,7 @@ class ZeroState(AIMState):
 
     All buffers are fp32 on the device of the fp32 master partition (CPU under
     ``offload_optimizer``); ``param`` and ``grad`` are working copies, filled at each
-    step, so the state's bytes are 6 x 4 per owned element.
+    step, so the state holds 5 x 4 bytes per owned element.
     """
 
     engine_kind = "deepspeed"
