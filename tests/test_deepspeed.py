@@ -221,3 +221,17 @@ def test_fp16_overflow_leaves_state_untouched(runs):
     for r in runs("nonfinite-fp16"):
         assert r["ds_overflow"] and r["skipped"]
         assert r["state_same"] and r["params_same"] and r["steps"] == 1
+
+
+@pytest.mark.parametrize("zero_config,feature", [
+    ({"zero_quantized_gradients": True}, "ZeRO++ quantized gradients"),
+    ({"zero_quantized_weights": True}, "ZeRO++ quantized weights"),
+    ({"zero_hpz_partition_size": 8}, "ZeRO++ hierarchical partitioning"),
+    ({"offload_optimizer": {"device": "nvme"}}, "NVMe offload"),
+    ({"offload_param": {"device": "nvme"}}, "NVMe offload"),
+])
+def test_trainer_path_names_unsupported_config(zero_config, feature):
+    """Under the Trainer the engine is out of reach: its zero_optimization config is checked."""
+    from aim_kernels import zero
+    assert any(feature in f for f in zero.unsupported_features(None, zero_config))
+    assert zero.unsupported_features(None, {"stage": 3, "offload_optimizer": {"device": "cpu"}}) == []
