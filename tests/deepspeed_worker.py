@@ -290,6 +290,16 @@ def nonfinite(rank: int, world: int, out: str, fp16: bool = False) -> dict:
             "steps": state.steps}
 
 
+def _fresh_tiny_llava():
+    """A plain tiny LLaVA: once ZeRO-3 TrainingArguments have existed in this process,
+    transformers builds new models inside deepspeed.zero.Init (partitioned at birth) until
+    its global DeepSpeed config is unset; the recipes hand the Trainer a plain model."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from aim_kernels.continual.tiny import tiny_llava
+    unset_hf_deepspeed_config()
+    return tiny_llava(seed=0, layers=1)
+
+
 def trainer_two_tasks(rank: int, world: int, out: str, stage: int) -> dict:
     """HF Trainer + TrainingArguments(deepspeed=...) + AIMCallback, one train() per task
     (each builds a new engine; the state carries over): the masked elements of task 1
@@ -300,7 +310,7 @@ def trainer_two_tasks(rank: int, world: int, out: str, stage: int) -> dict:
     from tests.test_trainer import AnswerTrainer, TaskData
     steps = 4
     callback = AIMCallback(ak.preset("aim"))
-    model = tiny_llava(seed=0, layers=1)
+    model = _fresh_tiny_llava()
     masks, result = None, {}
     for task in ("colour", "position"):
         ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -338,6 +348,43 @@ def trainer_two_tasks(rank: int, world: int, out: str, stage: int) -> dict:
     return result
 
 
+def trainer_resume(rank: int, world: int, out: str, stage: int) -> dict:
+    """Trainer + DeepSpeed saving every 2 steps (AIMCallback.on_save writes each rank's
+    state into checkpoint-N); a fresh model resumed from checkpoint-2 ends where the
+    uninterrupted run does."""
+    import transformers
+    from aim_kernels.continual.tiny import tiny_llava
+    from aim_kernels.integrations import AIMCallback
+    from tests.test_trainer import AnswerTrainer, TaskData
+    results = {}
+    models = {"straight": _fresh_tiny_llava(), "resumed": _fresh_tiny_llava()}
+    for name in ("straight", "resumed"):
+        resume = None if name == "straight" else os.path.join(
+            out, f"trainer-resume-z{stage}-straight", "checkpoint-2")
+        callback = AIMCallback(ak.preset("aim"), resume_from=resume)
+        model = models[name]
+        ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "gradient_clipping": "auto",
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10 ** 9}
+        output = os.path.join(out, f"trainer-resume-z{stage}-{name}")
+        args = transformers.TrainingArguments(
+            output_dir=output, deepspeed=ds, per_device_train_batch_size=8 // world, max_steps=4,
+            learning_rate=3e-2, optim="sgd", weight_decay=0.0, max_grad_norm=1.0, report_to=[],
+            save_strategy="steps", save_steps=2, logging_strategy="no", disable_tqdm=True,
+            remove_unused_columns=False, seed=0, dataloader_num_workers=0,
+            lr_scheduler_type="constant", use_cpu=True)
+        trainer = AnswerTrainer(model=model, args=args, train_dataset=TaskData("colour", n=32),
+                                callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        state = callback.state
+        state.pull_params()
+        results[name] = {"param": torch.cat([b.param for b in state.buckets]).clone(),
+                         "state": {k: v.clone() for k, v in state.state_dict().items()},
+                         "steps": state.steps}
+    return results
+
+
 def scenarios(world: int):
     """(name, function of (rank, world, out) -> result) of every configuration the tests
     look at; the 1-process run holds only the references the 2-process runs compare with."""
@@ -372,6 +419,7 @@ def scenarios(world: int):
     for stage in (1, 2, 3):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
         out.append((f"z{stage}-trainer", lambda r, w, o, s=stage: trainer_two_tasks(r, w, o, s)))
+        out.append((f"z{stage}-trainer-resume", lambda r, w, o, s=stage: trainer_resume(r, w, o, s)))
     return out
 
 

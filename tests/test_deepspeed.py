@@ -189,7 +189,7 @@ def test_unsupported_features_are_named_at_attach(runs):
         assert feature in message, message
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_trainer_deepspeed_two_tasks_holds_masked_elements(runs, stage):
     """Trainer(args=TrainingArguments(deepspeed=...), callbacks=[AIMCallback(preset aim)])."""
     results = runs(f"z{stage}-trainer")
@@ -235,3 +235,16 @@ def test_trainer_path_names_unsupported_config(zero_config, feature):
     from aim_kernels import zero
     assert any(feature in f for f in zero.unsupported_features(None, zero_config))
     assert zero.unsupported_features(None, {"stage": 3, "offload_optimizer": {"device": "cpu"}}) == []
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainer_deepspeed_resume_is_exact(runs, stage):
+    """AIMCallback.on_save writes each rank's state into the Trainer's DeepSpeed checkpoint;
+    train(resume_from_checkpoint=checkpoint-2) on a fresh model ends bitwise where the
+    uninterrupted run ends."""
+    for rank, r in enumerate(runs(f"z{stage}-trainer-resume")):
+        a, b = r["straight"], r["resumed"]
+        assert a["steps"] == b["steps"] == 4
+        assert torch.equal(a["param"], b["param"]), f"rank {rank}"
+        for key in a["state"]:
+            assert torch.equal(a["state"][key], b["state"][key]), f"rank {rank} {key}"
