@@ -190,11 +190,9 @@ void consolidate_impl(const ConsolidateArgs& a) {
 
 // ------------------------------------------------------------------ alignment
 
+// DESIGN.md 2.3 given m_g (a.thresh, [G]): the resets of every group.
 template <typename T>
-void align_impl(const AlignArgs& a) {
-  ThresholdArgs t{a.anchor, a.dtype, a.offsets, a.n, a.groups, nullptr, a.ratio, false,
-                  nullptr, a.thresh, a.scratch};
-  thresholds_impl<T>(t);
+void align_apply_impl(const AlignArgs& a) {
   T* __restrict param = static_cast<T*>(a.param);
   const T* __restrict anchor = static_cast<const T*>(a.anchor);
   const T zero = store<T>(0.0f);
@@ -209,6 +207,14 @@ void align_impl(const AlignArgs& a) {
       }
     });
   });
+}
+
+template <typename T>
+void align_impl(const AlignArgs& a) {
+  ThresholdArgs t{a.anchor, a.dtype, a.offsets, a.n, a.groups, nullptr, a.ratio, false,
+                  nullptr, a.thresh, a.scratch};
+  thresholds_impl<T>(t);
+  align_apply_impl<T>(a);
 }
 
 // ------------------------------------------------------------------ dtype dispatch
@@ -235,6 +241,9 @@ template <typename T> struct ConsolidateFn {
 };
 template <typename T> struct ThresholdsFn { static void run(const ThresholdArgs& a) { thresholds_impl<T>(a); } };
 template <typename T> struct AlignFn { static void run(const AlignArgs& a) { align_impl<T>(a); } };
+template <typename T> struct AlignApplyFn {
+  static void run(const AlignArgs& a) { align_apply_impl<T>(a); }
+};
 
 }  // namespace
 
@@ -242,6 +251,7 @@ void fused_step(const StepArgs& a) { by_dtype<StepFn>(a.dtype, a); }
 void group_thresholds(const ThresholdArgs& a) { by_dtype<ThresholdsFn>(a.state_dtype, a); }
 void consolidate(const ConsolidateArgs& a) { by_dtype<ConsolidateFn>(a.dtype, a); }
 void align(const AlignArgs& a) { by_dtype<AlignFn>(a.dtype, a); }
+void align_apply(const AlignArgs& a) { by_dtype<AlignApplyFn>(a.dtype, a); }
 
 }  // namespace AIM_CPU_NS
 }  // namespace aim

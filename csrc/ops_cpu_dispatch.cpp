@@ -19,6 +19,7 @@ namespace aim {
   void group_thresholds(const ThresholdArgs&);      \
   void consolidate(const ConsolidateArgs&);         \
   void align(const AlignArgs&);                     \
+  void align_apply(const AlignArgs&);               \
   }
 AIM_DECLARE_ISA(isa_default)
 #ifdef AIM_CPU_AVX2
@@ -72,5 +73,6 @@ void cpu_fused_step(const StepArgs& a) { AIM_DISPATCH(fused_step, a); }
 void cpu_group_thresholds(const ThresholdArgs& a) { AIM_DISPATCH(group_thresholds, a); }
 void cpu_consolidate(const ConsolidateArgs& a) { AIM_DISPATCH(consolidate, a); }
 void cpu_align(const AlignArgs& a) { AIM_DISPATCH(align, a); }
+void cpu_align_apply(const AlignArgs& a) { AIM_DISPATCH(align_apply, a); }
 
 }  // namespace aim
