@@ -16,7 +16,7 @@ only (1/ranks of the model) and a missing gradient is an error, never a zero.
   (``ds_tensor``'s elements; the last rank's padding is not managed).
 
 n_g, sum Omega, t_g, m_g and the stats are global over the data-parallel group
-(``sharding.global_thresholds`` / ``global_align_``). Gradients are copied into the
+(``sharding.global_thresholds`` / ``global_align_thresholds``, kept in the state). Gradients are copied into the
 state's fp32 buffer (divided by the loss scale), stepped, and copied back (times
 the loss scale): DeepSpeed then clips and steps the regularised gradient.
 
@@ -421,7 +421,7 @@ class ZeroState(AIMState):
 
     @torch.no_grad()
     def masked_step(self, grads=None, skip=False):
-        from .step import StepStats, _should_skip, _skipped, _any_nonfinite
+        from .step import StepStats, _align, _any_nonfinite, _should_skip, _skipped
         if grads is not None:
             raise ValueError("masked_step: grads= cannot be passed for a DeepSpeed engine; its "
                              "reduced gradients live in the ZeRO partitions, which masked_step reads")
@@ -467,21 +467,9 @@ class ZeroState(AIMState):
         self.steps += 1
         self.steps_since_consolidation += 1
         if cfg.align_every and self.steps % cfg.align_every == 0:
-            self._align()
+            _align(self)          # m_g kept in the state (global); then the weights are pushed
         self.last_skip_reason = None
         return StepStats(total, self.group_names, collectives=self.collectives)
-
-    def _align(self) -> None:
-        cfg = self.config
-        if self.collectives is not None:
-            sharding.global_align_(self.collectives, self.group_pieces("param"),
-                                   self.group_pieces("anchor"), cfg.align_ratio, cfg.align_mode)
-        else:
-            for b in self.buckets:
-                ops.align_(b.param, b.anchor, b.offsets, cfg.align_ratio, mode=cfg.align_mode,
-                           backend=cfg.backend)
-        self.push_params()
-
 
 def attach(engine, config, groups_fn) -> ZeroState:
     """The state of a DeepSpeed engine (after ``deepspeed.initialize``)."""
