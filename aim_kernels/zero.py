@@ -16,9 +16,10 @@ only (1/ranks of the model) and a missing gradient is an error, never a zero.
   (``ds_tensor``'s elements; the last rank's padding is not managed).
 
 n_g, sum Omega, t_g, m_g and the stats are global over the data-parallel group
-(``sharding.global_thresholds`` / ``global_align_thresholds``, kept in the state). Gradients are copied into the
-state's fp32 buffer (divided by the loss scale), stepped, and copied back (times
-the loss scale): DeepSpeed then clips and steps the regularised gradient.
+(``sharding.global_thresholds`` / ``global_align_thresholds``, kept in the state).
+Gradients are copied into the state's fp32 buffer (divided by the loss scale), stepped,
+and copied back (times the loss scale): DeepSpeed then clips and steps the regularised
+gradient.
 
 Masks hold on the update (DESIGN.md 2.4): a post-hook on the optimizer that updates
 the fp32 partition puts every masked element of a keep=0 group back to its anchor,
