@@ -1,0 +1,78 @@
+"""Visual warm-up for task data read from files: no task answer is used.
+
+The generated benchmark pre-trains on its scenes' labelled attributes
+(:func:`model.pretrain`); real task data has no such labels, and a LLaVA built from a
+config cannot learn its tasks from a random vision tower (every task stays at chance,
+even joint training). So, before the first task, the vision tower learns from the
+training images alone: each patch's feature must reconstruct that patch's pixels
+(average-pooled 2x) and say which patch it is (position stays in the features). With a
+manifest ``"pretrain"`` list of caption records (LLaVA's stage 1), the whole model also
+learns to generate each image's caption. The result is cached per data hash and seed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _patch_targets(pix: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, P, 3 * (patch/2)^2]: each patch's pixels, average-pooled 2x, row-major patches."""
+    small = F.avg_pool2d(pix, 2)
+    p = patch // 2
+    t = small.unfold(2, p, p).unfold(3, p, p)             # [B, 3, gy, gx, p, p]
+    return t.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+
+
+def warm_up(model, images: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
+            captions=None, progress: bool = False) -> dict:
+    """Self-supervised warm-up on uint8 ``images`` (and ``captions``, a Split of caption ids
+    with their lengths as ``answers``). Returns the final reconstruction error and the
+    caption next-token accuracy (when captions are given)."""
+    from .model import base, geometry, inputs, vision_tower
+    vt = vision_tower(model)
+    vc = base(model).config.vision_config
+    g = geometry(model)
+    h, patch = vc.hidden_size, vc.patch_size
+    n_patch = (vc.image_size // patch) ** 2
+    recon = torch.nn.Linear(h, 3 * (patch // 2) ** 2)
+    where = torch.nn.Linear(h, n_patch)
+    params = list(vt.parameters()) + list(recon.parameters()) + list(where.parameters())
+    if captions is not None:
+        params = list(model.parameters()) + list(recon.parameters()) + list(where.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    it = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="visual warm-up (no answers)", leave=False)
+    err = cap_acc = 0.0
+    for step in it:
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        pix = images[idx].float() / 255.0
+        if pix.shape[-1] != vc.image_size:
+            pix = F.interpolate(pix, size=(vc.image_size,) * 2, mode="bilinear", align_corners=False)
+        feats = vt(pixel_values=pix).last_hidden_state[:, -n_patch:]
+        mse = F.mse_loss(recon(feats), _patch_targets(pix, patch))
+        pos = F.cross_entropy(where(feats).flatten(0, 1), torch.arange(n_patch).repeat(batch))
+        loss = 10.0 * mse + pos
+        if captions is not None:
+            cidx = torch.randint(0, len(captions), (batch,), generator=gen)
+            cap, lens = captions.questions[cidx], captions.answers[cidx]
+            cpix, ids = inputs(model, captions.images[cidx], cap)
+            start = ids.shape[1] - cap.shape[1]
+            logits = model(input_ids=ids, pixel_values=cpix).logits[:, start - 1:-1]
+            mask = torch.arange(cap.shape[1]).view(1, -1) < lens.view(-1, 1)
+            loss = loss + F.cross_entropy(logits[mask], cap[mask])
+            right = (logits[mask].argmax(-1) == cap[mask]).float().mean().item()
+            cap_acc = 0.9 * cap_acc + 0.1 * right if step else right
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        err = 0.9 * err + 0.1 * mse.item() if step else mse.item()
+        if progress:
+            it.set_postfix(recon=f"{err:.4f}", refresh=False)
+    del g
+    out = {"warmup_recon_mse": round(err, 5)}
+    if captions is not None:
+        out["warmup_caption_acc"] = round(cap_acc, 4)
+    return out
