@@ -287,6 +287,7 @@ class TaskSet(data.Benchmark):
     data_hash: str = ""
     source: str = ""
     pretrain_images: torch.Tensor | None = None      # every training image (no answers)
+    pretrain_questions: torch.Tensor | None = None   # and its question
     captions: data.Split | None = None               # the manifest's "pretrain" list, if any
 
     @property
@@ -350,15 +351,16 @@ def build(raw: RawTasks, tokenizer: str | None = None, image_size: int = data.IM
         novel["all"] = _split("all", raw.novel["all"], tok, qlen, image_size, every)
     captions = None
     if raw.pretrain:
-        caps = [tok.text(e.answer)[:max_question_len] for e in raw.pretrain]
+        caps = [tok.text(e.answer)[:48] for e in raw.pretrain]
         clen = max(len(c) for c in caps)
         ids = torch.tensor([c + [tok.pad] * (clen - len(c)) for c in caps])
         captions = data.Split("captions", _load_images(raw.pretrain, image_size), ids,
                               torch.tensor([len(c) for c in caps]), torch.zeros(0, dtype=torch.long))
     pre = torch.cat([s.images for s in train.values()])
+    pre_q = torch.cat([s.questions for s in train.values()])
     return TaskSet(seed=0, train=train, test=test, novel=novel, vocab_size=tok.vocab_size, bos=tok.bos,
                    question_len=qlen, data_hash=data_hash(raw), source=raw.source,
-                   pretrain_images=pre, captions=captions)
+                   pretrain_images=pre, pretrain_questions=pre_q, captions=captions)
 
 
 def load(spec: str, tokenizer: str | None = None, image_size: int = data.IMAGE_SIZE) -> TaskSet:

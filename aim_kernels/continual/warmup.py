@@ -4,8 +4,7 @@ The generated benchmark pre-trains on its scenes' labelled attributes
 (:func:`model.pretrain`); real task data has no such labels, and a LLaVA built from a
 config cannot learn its tasks from a random vision tower (every task stays at chance,
 even joint training). So, before the first task, the vision tower learns from the
-training images alone: each patch's feature must reconstruct that patch's pixels
-(average-pooled 2x) and say which patch it is (position stays in the features). With a
+training images alone: each patch's feature must reconstruct that patch's pixels and say which patch it is (position stays in the features). With a
 manifest ``"pretrain"`` list of caption records (LLaVA's stage 1), the whole model also
 learns to generate each image's caption. The result is cached per data hash and seed.
 """
@@ -16,36 +15,33 @@ import torch.nn.functional as F
 
 
 def _patch_targets(pix: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, P, 3 * (patch/2)^2]: each patch's pixels, average-pooled 2x, row-major patches."""
-    small = F.avg_pool2d(pix, 2)
-    p = patch // 2
-    t = small.unfold(2, p, p).unfold(3, p, p)             # [B, 3, gy, gx, p, p]
+    """[B, P, 3 * patch^2]: each patch's pixels, row-major patches."""
+    p = patch
+    t = pix.unfold(2, p, p).unfold(3, p, p)               # [B, 3, gy, gx, p, p]
     return t.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
 
 
-def warm_up(model, images: torch.Tensor, steps: int, batch: int, lr: float, seed: int,
-            captions=None, progress: bool = False) -> dict:
-    """Self-supervised warm-up on uint8 ``images`` (and ``captions``, a Split of caption ids
-    with their lengths as ``answers``). Returns the final reconstruction error and the
-    caption next-token accuracy (when captions are given)."""
-    from .model import base, geometry, inputs, vision_tower
+def warm_up(model, images: torch.Tensor, questions: torch.Tensor, steps: int, batch: int, lr: float,
+            seed: int, captions=None, progress: bool = False) -> dict:
+    """Self-supervised warm-up on uint8 ``images`` and their ``questions`` (token ids; no
+    answers), and ``captions`` (a Split of caption ids with their lengths as ``answers``).
+    Returns the final reconstruction errors and the caption next-token accuracy."""
+    from .model import base, inputs, vision_tower
     vt = vision_tower(model)
     vc = base(model).config.vision_config
-    g = geometry(model)
     h, patch = vc.hidden_size, vc.patch_size
     n_patch = (vc.image_size // patch) ** 2
-    recon = torch.nn.Linear(h, 3 * (patch // 2) ** 2)
+    recon = torch.nn.Linear(h, 3 * patch ** 2)
     where = torch.nn.Linear(h, n_patch)
-    params = list(vt.parameters()) + list(recon.parameters()) + list(where.parameters())
-    if captions is not None:
-        params = list(model.parameters()) + list(recon.parameters()) + list(where.parameters())
+    thumb = torch.nn.Linear(base(model).config.text_config.hidden_size, 3 * 8 * 8)
+    params = [p for m in (model, recon, where, thumb) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     it = range(steps)
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="visual warm-up (no answers)", leave=False)
-    err = cap_acc = 0.0
+    err = rerr = cap_acc = 0.0
     for step in it:
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         pix = images[idx].float() / 255.0
@@ -54,7 +50,10 @@ def warm_up(model, images: torch.Tensor, steps: int, batch: int, lr: float, seed
         feats = vt(pixel_values=pix).last_hidden_state[:, -n_patch:]
         mse = F.mse_loss(recon(feats), _patch_targets(pix, patch))
         pos = F.cross_entropy(where(feats).flatten(0, 1), torch.arange(n_patch).repeat(batch))
-        loss = 10.0 * mse + pos
+        _, ids = inputs(model, images[idx], questions[idx])
+        last = model(input_ids=ids, pixel_values=pix, output_hidden_states=True).hidden_states[-1][:, -1]
+        read = F.mse_loss(thumb(last), F.adaptive_avg_pool2d(pix, 8).flatten(1))
+        loss = 10.0 * (mse + read) + pos
         if captions is not None:
             cidx = torch.randint(0, len(captions), (batch,), generator=gen)
             cap, lens = captions.questions[cidx], captions.answers[cidx]
@@ -69,10 +68,10 @@ def warm_up(model, images: torch.Tensor, steps: int, batch: int, lr: float, seed
         loss.backward()
         opt.step()
         err = 0.9 * err + 0.1 * mse.item() if step else mse.item()
+        rerr = 0.9 * rerr + 0.1 * read.item() if step else read.item()
         if progress:
-            it.set_postfix(recon=f"{err:.4f}", refresh=False)
-    del g
-    out = {"warmup_recon_mse": round(err, 5)}
+            it.set_postfix(recon=f"{err:.4f}", read=f"{rerr:.4f}", refresh=False)
+    out = {"warmup_recon_mse": round(err, 5), "warmup_read_mse": round(rerr, 5)}
     if captions is not None:
         out["warmup_caption_acc"] = round(cap_acc, 4)
     return out
