@@ -208,7 +208,7 @@ def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | N
         key_src = {"checkpoint": str(Path(checkpoint).resolve()), "spec": arch, "seed": seed}
     elif on_files:
         model = build_llava(spec, seed, bench.vocab_size, bench.bos)
-        key_src = {"spec": arch, "seed": seed, "data": bench.data_hash, "warmup": 2}
+        key_src = {"spec": arch, "seed": seed, "data": bench.data_hash, "warmup": 4}
     else:
         model = build_llava(spec, seed)
         key_src = {"spec": arch, "seed": seed, "data": 3}

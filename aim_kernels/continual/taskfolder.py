@@ -36,10 +36,10 @@ PHOTO_TASKS = {
 
 def _background(rng, size):
     y, x = np.mgrid[0:size, 0:size] / size
-    base = rng.uniform(60, 160, 3)
-    tilt = rng.uniform(-50, 50, (2, 3))
+    base = rng.uniform(70, 150, 3)
+    tilt = rng.uniform(-25, 25, (2, 3))
     img = base + x[..., None] * tilt[0] + y[..., None] * tilt[1]
-    return np.clip(img + rng.normal(0, 6, (size, size, 3)), 0, 255)
+    return np.clip(img + rng.normal(0, 5, (size, size, 3)), 0, 255)
 
 
 def _draw(img, rng, shape, colour, cy, cx, r):
@@ -87,7 +87,7 @@ def photo_example(task: str, rng, size: int = 64):
         qy, qx = divmod(int(q), 2)
         if task == "caption":
             big = bool(rng.integers(2))
-        r = (rng.uniform(10, 13) if big else rng.uniform(5, 7)) if task in ("size", "caption") else rng.uniform(8, 12)
+        r = (rng.uniform(12, 15) if big else rng.uniform(6, 8)) if task in ("size", "caption") else rng.uniform(10, 14)
         cy = qy * half + half / 2 + rng.uniform(-2, 2)
         cx = qx * half + half / 2 + rng.uniform(-2, 2)
         shape = SHAPES[int(rng.integers(len(SHAPES)))]

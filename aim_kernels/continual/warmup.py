@@ -31,7 +31,7 @@ def warm_up(model, images: torch.Tensor, questions: torch.Tensor, steps: int, ba
     vc = base(model).config.vision_config
     h, patch = vc.hidden_size, vc.patch_size
     n_patch = (vc.image_size // patch) ** 2
-    recon = torch.nn.Linear(h, 3 * patch ** 2)
+    recon = torch.nn.Linear(h, 3 * patch ** 2 + 3)
     where = torch.nn.Linear(h, n_patch)
     thumb = torch.nn.Linear(base(model).config.text_config.hidden_size, 3 * 8 * 8)
     params = [p for m in (model, recon, where, thumb) for p in m.parameters()]
@@ -48,12 +48,22 @@ def warm_up(model, images: torch.Tensor, questions: torch.Tensor, steps: int, ba
         if pix.shape[-1] != vc.image_size:
             pix = F.interpolate(pix, size=(vc.image_size,) * 2, mode="bilinear", align_corners=False)
         feats = vt(pixel_values=pix).last_hidden_state[:, -n_patch:]
-        mse = F.mse_loss(recon(feats), _patch_targets(pix, patch))
+        # each patch's mean colour and its detail (the image minus its local 5x5 mean), the
+        # detail scale-free: plain pixel reconstruction spends a tiny tower on the background
+        # gradients of photo-like images and leaves objects unreadable (every task at chance)
+        detail = _patch_targets(pix - F.avg_pool2d(pix, 5, 1, 2, count_include_pad=False), patch)
+        mean = _patch_targets(pix, patch).unflatten(-1, (3, -1)).mean(-1)
+        out = recon(feats)
+        mse = F.mse_loss(out[..., :3], mean) + F.mse_loss(out[..., 3:], detail) / (detail.var() + 1e-4)
         pos = F.cross_entropy(where(feats).flatten(0, 1), torch.arange(n_patch).repeat(batch))
         _, ids = inputs(model, images[idx], questions[idx])
         last = model(input_ids=ids, pixel_values=pix, output_hidden_states=True).hidden_states[-1][:, -1]
         read = F.mse_loss(thumb(last), F.adaptive_avg_pool2d(pix, 8).flatten(1))
-        loss = 10.0 * (mse + read) + pos
+        # VICReg's variance and mean terms: centred, unit-spread features; without them a large
+        # constant part swamps what differs between images, and the projector learns slowly
+        flat = feats.flatten(0, 1)
+        spread = F.relu(1.0 - flat.std(0)).mean() + flat.mean(0).pow(2).mean()
+        loss = 10.0 * (mse + read) + pos + spread
         if captions is not None:
             cidx = torch.randint(0, len(captions), (batch,), generator=gen)
             cap, lens = captions.questions[cidx], captions.answers[cidx]
