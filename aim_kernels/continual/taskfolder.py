@@ -34,7 +34,9 @@ PHOTO_TASKS = {
 }
 
 
-def _background(rng, size):
+def _background(rng, size, dark=False):
+    if dark:
+        return np.clip(rng.normal(15, 5, (size, size, 3)), 0, 255)
     y, x = np.mgrid[0:size, 0:size] / size
     base = rng.uniform(70, 150, 3)
     tilt = rng.uniform(-25, 25, (2, 3))
