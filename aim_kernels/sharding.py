@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .ops.reference import align_group_, kth_count, kth_largest
+from .ops.reference import align_group_, inv_scale_of, kth_count, kth_largest
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -92,7 +92,7 @@ def global_thresholds(coll: Collectives, omega: list[list[torch.Tensor]], ratios
     inv_scale, thresh = [], []
     for g, (n, total) in enumerate(sums):
         n = int(n)
-        inv_scale.append((n / total if total > 0 else 0.0) if normalize else 1.0)
+        inv_scale.append(inv_scale_of(n, total, normalize))
         k = kth_count(ratios[g], n)
         thresh.append(kth_largest(joined[g], k, hist_reduce=coll.sum) if n else math.inf)
     return inv_scale, thresh

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import ops, sharding
+from . import checkpoint, holds, ops, relocate, sharding
 from .config import AIMConfig, GroupConfig
 
 _STATE_DICT_VERSION = 1
@@ -107,7 +107,11 @@ class AIMState:
         self._slot_by_name = {s.name: s for b in self.buckets for s in b.slots}
         self._copied = [(b, s) for b in self.buckets for s in b.slots if not s.rehomed]
         self._fingerprint = config.fingerprint(groups) + self._model_fingerprint()
+        self.param_ids = frozenset(id(s.param) for s in self._slot_by_name.values())
+        self._holds: list[holds.Hold] = []
+        self._binding = None            # set by attach: the model's names -> these Parameters
         self.refresh_thresholds()
+        self.reindex_holds()
 
     # ---- construction --------------------------------------------------------------
     def _make_bucket(self, device, dtype, per_group) -> Bucket:
@@ -202,6 +206,38 @@ class AIMState:
             b.inv_scale = torch.tensor(inv_scale, dtype=torch.float32, device=b.device)
             b.thresh = torch.tensor(thresh, dtype=torch.float32, device=b.device)
 
+    # ---- masks hold on the update (DESIGN.md 2.4) -----------------------------------
+    def reindex_holds(self) -> None:
+        """Recompute which elements :meth:`hold_masks_` restores: the masked elements of
+        every ``keep == 0`` group. Call after Ω or the thresholds change (attach,
+        consolidation and load do); one host sync per bucket."""
+        self._holds = holds.index(self)
+
+    def hold_masks_(self) -> None:
+        """Copy the anchors into the masked elements of ``keep == 0`` groups (bitwise).
+
+        Runs by itself after every step of a torch optimiser over the managed parameters
+        (a global optimiser step post-hook, installed at attach, removed at detach). An
+        engine that writes the weights outside a torch optimiser step calls it after its
+        step. Costs one gather + scatter over the held elements; no host sync."""
+        holds.apply(self._holds)
+
+    @property
+    def held_count(self) -> int:
+        """How many elements :meth:`hold_masks_` restores (on this process)."""
+        return sum(h.count for h in self._holds)
+
+    # ---- moving / casting the model --------------------------------------------------
+    def to(self, *args, **kwargs) -> "AIMState":
+        """``model.to(*args, **kwargs)`` for the attached model, keeping this state.
+
+        ``model.to`` / ``.half()`` after attach take the parameters out of the flat
+        buffers (the next step raises); this moves or casts the model and re-homes the
+        parameters into new buffers with the anchors cast like the weights and Ω, F,
+        the step counts and the masks carried over. Returns ``self``."""
+        relocate.move(self, *args, **kwargs)
+        return self
+
     # ---- shards that are copied, not re-homed ---------------------------------------
     def pull_params(self) -> None:
         """Copy the weights of the copied (sharded) slots into the buckets."""
@@ -262,17 +298,19 @@ class AIMState:
                 if not key.startswith("meta."):
                     ref.copy_(sd[key])
         self.steps, self.steps_since_consolidation = (int(v) for v in sd["meta.steps"].tolist())
+        self.reindex_holds()
 
     def save(self, path) -> None:
-        """Write the state_dict to a safetensors file."""
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"format": "aim_kernels.AIMState", "names": json.dumps(self.names)})
+        """Write the state_dict to a safetensors file, atomically: a temporary file in the
+        same folder, flushed and fsynced, then renamed over ``path``. A crash, a kill or a
+        full disk leaves the previous file whole."""
+        checkpoint.save(self, path)
 
     def load(self, path) -> None:
-        """Read a state saved by :meth:`save` (onto this state's devices)."""
-        from safetensors.torch import load_file
-        self.load_state_dict(load_file(str(path)))
+        """Read a state saved by :meth:`save` (onto this state's devices). The file's
+        format, managed names, fingerprint, keys, shapes and dtypes are checked before
+        anything is read into the state."""
+        checkpoint.load(self, path)
 
     # ---- grads ------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -292,8 +330,10 @@ class AIMState:
                 if s.rehomed and not _is_view(s.param, s, b.param):
                     raise RuntimeError(
                         f"parameter {s.name!r} no longer lives in the AIM flat buffer (was the "
-                        "model moved, cast, or its .data replaced after attach?); call "
-                        "ak.detach(model) and ak.attach(model, config) again")
+                        "model moved, cast, or its .data replaced after attach?). To move or "
+                        "cast an attached model and keep its state (Ω, anchors, masks), use "
+                        "state.to(...) instead of model.to(...)/.half(); to start over, "
+                        "ak.detach(model) then ak.attach(model, config)")
 
     def __repr__(self) -> str:
         sizes = self.group_numel()

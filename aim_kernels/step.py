@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import ops, sharding
+from . import holds, ops, sharding
+from .binding import Binding, unwrap
 from .config import AIMConfig
 from .groups import assign, resolve_groups
 from .state import AIMState, Bucket, Slot, _is_view, bias_correction
@@ -25,9 +26,11 @@ def attach(model: torch.nn.Module, config: AIMConfig | None = None) -> AIMState:
     """Create the AIM state of ``model``: anchors = current weights, Ω = F = 0."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach: `model` must be a torch.nn.Module, got {type(model).__name__}")
-    if model in _STATES:
+    chain = unwrap(model)
+    if any(m in _STATES for m in chain):
         raise RuntimeError("attach: this model already has an AIMState; call "
                            "ak.detach(model) first (one state per model)")
+    model = chain[-1]       # the state belongs to the wrapped model, whatever wraps it
     cfg = config if config is not None else AIMConfig()
     if not isinstance(cfg, AIMConfig):
         raise TypeError(f"attach: `config` must be an AIMConfig, got {type(cfg).__name__}")
@@ -37,22 +40,38 @@ def attach(model: torch.nn.Module, config: AIMConfig | None = None) -> AIMState:
     if not any(members.values()):
         raise ValueError("attach: the model has no trainable parameter to manage")
     state = AIMState(groups, members, cfg)
+    state._binding = Binding(model, state)
     _STATES[model] = state
+    holds.track(state)
     return state
 
 
 def state_of(model: torch.nn.Module, op: str = "state_of") -> AIMState:
+    """The state attached to ``model`` or to the model it wraps (torch.compile, DDP)."""
     try:
-        return _STATES[model]
-    except (KeyError, TypeError):
-        raise RuntimeError(f"{op}: no AIMState is attached to this model; call "
-                           "ak.attach(model, config) first") from None
+        chain = unwrap(model)
+        for m in chain:
+            if m in _STATES:
+                return _STATES[m]
+    except TypeError:
+        pass
+    raise RuntimeError(f"{op}: no AIMState is attached to this model; call "
+                       "ak.attach(model, config) first")
+
+
+def _check_model(state: AIMState, op: str) -> None:
+    """The model still holds the managed Parameters, and they still live in the buckets."""
+    if state._binding is not None:
+        state._binding.check(op)
+    state.check_homes()
 
 
 def detach(model: torch.nn.Module) -> AIMState:
     """Forget the model's state (its parameters stay where they are); returns it."""
     state = state_of(model, "detach")
-    del _STATES[model]
+    for m in unwrap(model):
+        _STATES.pop(m, None)
+    holds.untrack(state)
     return state
 
 
@@ -180,7 +199,8 @@ def _should_skip(skip) -> bool | None:
 def masked_step(model: torch.nn.Module, grads=None, *, skip=False) -> StepStats:
     """DESIGN.md 2.1 on every managed gradient, in place; one fused call per bucket.
 
-    Call after backward (and unscale/clip), before ``optimizer.step()``. ``grads``:
+    Call after backward (and unscale), before clipping and ``optimizer.step()``: clipping
+    then bounds the whole gradient, regulariser included. ``grads``:
     None (each managed parameter's ``.grad``; a ``.grad`` of None counts as a zero
     gradient and is set to one), a sequence aligned with ``state.names``, or a
     ``{name: tensor}`` dict. ``skip``: True (or a non-zero tensor, e.g. GradScaler's
@@ -189,7 +209,7 @@ def masked_step(model: torch.nn.Module, grads=None, *, skip=False) -> StepStats:
     Returns lazy :class:`StepStats`.
     """
     state = state_of(model, "masked_step")
-    state.check_homes()
+    _check_model(state, "masked_step")
     plan = _plan(state, grads)
     skipping = _should_skip(skip)
     if skipping:
@@ -257,7 +277,7 @@ def _align(state: AIMState) -> None:
 def consolidate(model: torch.nn.Module) -> None:
     """End of a task (DESIGN.md 2.2): merge, Ω += F_hat, anchors = θ, F = 0, new t_g, c_g."""
     state = state_of(model, "consolidate")
-    state.check_homes()
+    _check_model(state, "consolidate")
     state.pull_params()
     cfg = state.config
     scale = bias_correction(cfg, state.steps_since_consolidation)
@@ -268,3 +288,4 @@ def consolidate(model: torch.nn.Module) -> None:
     state.push_params()
     state.steps_since_consolidation = 0
     state.refresh_thresholds()
+    state.reindex_holds()

@@ -157,7 +157,7 @@ void thresholds_impl(const ThresholdArgs& a) {
     a.thresh[g] = select::result(bits, k <= 0);
     if (a.inv_scale) {
       const double total = n ? sum_of(x + lo, n) : 0.0;
-      a.inv_scale[g] = !a.normalize ? 1.0f : (total > 0 ? float(double(n) / total) : 0.0f);
+      a.inv_scale[g] = inv_scale_of(double(n), total, a.normalize);
     }
   }
 }

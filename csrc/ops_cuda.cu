@@ -368,7 +368,7 @@ __global__ void select_finish(const int64_t* off, int64_t groups, const SelState
     thresh[g] = select::result(state[g].prefix, state[g].remaining == 0);
     if (inv_scale) {
       const double n = double(off[g + 1] - off[g]), total = sums[g];
-      inv_scale[g] = !normalize ? 1.0f : (total > 0 ? float(n / total) : 0.0f);
+      inv_scale[g] = inv_scale_of(n, total, normalize);
     }
   }
 }

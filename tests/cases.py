@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import random
 import zlib
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES = (FP32, BF16, FP16)
 DTYPE_NAMES = {FP32: "fp32", BF16: "bf16", FP16: "fp16", torch.float64: "fp64"}
 
-# Tolerances for comparing a stored result with an expected one computed in fp32 and
-# rounded to the same dtype: fp32 allows a few ulps of reordering/contraction; bf16 and
+# Tolerances for comparing a stored result of a backend that may contract or reorder (a
+# GPU) with an expected one computed in fp32 and rounded to the same dtype (the reference
+# against the oracle, and the CPU backend against the reference, are compared bit for
+# bit, and do not use these): fp32 allows a few ulps of reordering/contraction; bf16 and
 # fp16 allow one ulp of the storage type (rtol = 2^-7 / 2^-10, the widest relative
 # spacing), because an fp32 difference of one ulp can flip a rounding. ``atol`` is scaled
 # by the largest magnitude of the result by the tests. ``stats_rtol`` is for the [G, 7]
@@ -38,6 +41,42 @@ TOL = {
     BF16: dict(rtol=2.0 ** -7, atol=1e-5, stats_rtol=1e-2),
     FP16: dict(rtol=2.0 ** -10, atol=1e-5, stats_rtol=2e-3),
 }
+
+# Value edge cases for hypothesis to place into g, theta, a, Omega and F (``Case.special``):
+# signed zeros, fp32 subnormals, 1e+-30, the largest finite fp32 / bf16 / fp16, the
+# smallest bf16 / fp16 subnormals, inf and NaN. Omega and F are >= 0 by the spec, so they
+# get the non-negative ones; Omega gets no NaN (its k-th largest is undefined).
+FP32_MAX = torch.finfo(torch.float32).max
+_MAGNITUDES = (0.0, 1.4e-45, 1e-40, 1.1754942e-38, 1e-30, 9.183549615799121e-41, 6e-8, 1.0,
+               65504.0, 1e30, 3.3895313892515355e38, FP32_MAX, math.inf)
+EXTREMES = {
+    "grad": _MAGNITUDES + tuple(-v for v in _MAGNITUDES) + (math.nan,),
+    "param": _MAGNITUDES + tuple(-v for v in _MAGNITUDES) + (math.nan,),
+    "anchor": _MAGNITUDES + tuple(-v for v in _MAGNITUDES),
+    "importance": _MAGNITUDES + (-0.0,),
+    "fisher": _MAGNITUDES + (-0.0, math.nan),
+}
+
+
+def special_values(max_count: int = 12):
+    """A hypothesis strategy for ``Case.special``: up to ``max_count`` (tensor, position,
+    value) triples; the position is taken modulo the length of the tensor."""
+    from hypothesis import strategies as st
+    one = st.sampled_from(sorted(EXTREMES)).flatmap(
+        lambda name: st.tuples(st.just(name), st.integers(0, 1 << 16),
+                               st.sampled_from(EXTREMES[name])))
+    return st.lists(one, max_size=max_count).map(tuple)
+
+
+def place_special(tensors: dict, special) -> None:
+    """Write the (tensor, position, value) triples of ``special`` in place (fp32 tensors
+    on the CPU, before they are rounded to their storage dtype); names not in ``tensors``
+    (an op without a gradient, say) are left out."""
+    for name, pos, value in special:
+        t = tensors.get(name)
+        if t is not None and t.numel():
+            t[pos % t.numel()] = value
+
 
 # Group layouts, by name: sizes of the groups (0 = empty group).
 SHAPES = {
@@ -101,6 +140,8 @@ class Case:
     custom_sizes: tuple[int, ...] | None = None
     custom_ratio: tuple[float, ...] | None = None
     custom_keep: tuple[float, ...] | None = None
+    # value edge cases placed into the tensors: ((name, position, value), ...)
+    special: tuple[tuple[str, int, float], ...] = ()
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -142,6 +183,8 @@ class Case:
                       f"fs{self.fisher_scale:.4g}"]
         elif self.op == "align":
             parts += [self.align_mode, f"r{self.align_ratio}", "anchor-" + self.anchor_kind]
+        if self.special:
+            parts.append(f"special{len(self.special)}")
         parts.append(f"s{self.seed}")
         return "-".join(parts)
 
@@ -219,6 +262,9 @@ def make_tensors(case: Case, device="cpu") -> dict:
         param[torch.rand(n, generator=gen) < 0.1] = 0.0       # sign(theta) = 0
         flip = torch.rand(n, generator=gen) < 0.1             # exact sign flips
         param[flip] = -anchor[flip]
+
+    place_special(dict(grad=grad, param=param, anchor=anchor, importance=omega, fisher=fisher),
+                  case.special)
 
     spec = MASKS[case.mask]
     ratio = torch.tensor(_cycle(case.custom_ratio or spec["ratio"], G), dtype=case.ratio_dtype)

@@ -120,6 +120,61 @@ def _fsdp(rank: int, world: int, out: str) -> None:
     torch.save(result, os.path.join(out, f"fsdp-rank{rank}.pt"))
 
 
+def _sharded(model):
+    from torch.distributed.fsdp import fully_shard
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def _attached(model) -> bool:
+    try:
+        ak.detach(model)
+        return True
+    except RuntimeError:                 # "detach: no AIMState is attached"
+        return False
+
+
+def _fsdp_bad_input(rank: int, world: int, out: str) -> None:
+    """The README's FSDP2 bad input: a model mixing shards and plain parameters, and a DCP
+    checkpoint of another model. Each must raise, naming the culprit, and touch nothing."""
+    from torch.distributed.fsdp import fully_shard
+
+    from aim_kernels.integrations import distributed as dist_ckpt
+    result = {}
+
+    mixed = ToyVLM(seed=0)
+    fully_shard(mixed.vision[0])             # one layer sharded, the rest plain
+    before = {n: full(p.detach()).clone() for n, p in mixed.named_parameters()}
+    # any exception is recorded, not raised, so a wrong one fails only its own test
+    try:
+        ak.attach(mixed, config())
+        result["mixed_error"] = ""
+    except Exception as exc:             # noqa: BLE001
+        result["mixed_error"] = f"{type(exc).__name__}: {exc}"
+    result["mixed_untouched"] = all(torch.equal(before[n], full(p.detach()))
+                                    for n, p in mixed.named_parameters())
+    result["mixed_attached"] = _attached(mixed)
+
+    bigger = _sharded(ToyVLM(seed=1, layers=3))    # another model: one more vision layer
+    state = ak.attach(bigger, config())
+    before = per_param_state(bigger, state)
+    try:
+        dist_ckpt.load(state, os.path.join(out, "fsdp-ckpt"))      # written by _fsdp
+        result["other_model_error"] = ""
+    except BaseException as exc:         # DCP's CheckpointException is not an Exception
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        result["other_model_error"] = f"{type(exc).__name__}: {exc}"
+    after = per_param_state(bigger, state)
+    result["other_model_untouched"] = before.keys() == after.keys() and all(
+        torch.equal(before[k], after[k]) for k in before)
+    result["other_model_steps"] = (state.steps, state.steps_since_consolidation)
+    torch.save(result, os.path.join(out, f"fsdp_bad-rank{rank}.pt"))
+
+
 def _ddp(rank: int, world: int, out: str) -> None:
     model = ToyVLM(seed=0)
     state = ak.attach(model, config())       # attach first: DDP then sees the re-homed params
@@ -127,6 +182,63 @@ def _ddp(rank: int, world: int, out: str) -> None:
     stats = train(ddp, model, rank, world)
     torch.save({"stats": stats, "state": per_param_state(model, state), "steps": state.steps},
                os.path.join(out, f"ddp-rank{rank}.pt"))
+
+
+def masked_local(state) -> list[tuple]:
+    """Per bucket: this process's masked elements of keep = 0 groups (from its Ω and the
+    global t_g), the live local weights and the anchors, flat."""
+    out = []
+    for b in state.buckets:
+        masked = torch.zeros(b.numel, dtype=torch.bool)
+        for g in range(state.num_groups):
+            lo, hi = b.group_range(g)
+            om = b.importance[lo:hi]
+            masked[lo:hi] = (om >= b.thresh[g]) & (om > 0)
+        live = torch.cat([sharding.local(s.param.detach()).reshape(-1) for s in b.slots])
+        out.append((masked, live, b.anchor))
+    return out
+
+
+def adamw_holds(model, inner, state, rank: int = 0, world: int = 1) -> dict:
+    """Two tasks of AdamW (default weight_decay=0.01, one optimiser) with the README order;
+    after every step of task two, count masked elements and those off their anchors."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    held = off = moved = 0
+    for task in range(TASKS):
+        for step in range(STEPS):
+            x, y = batch(task, step, rank, world)
+            opt.zero_grad(set_to_none=False)
+            nn.functional.cross_entropy(model(x), y).backward()
+            ak.masked_step(inner)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if task == 0:
+                continue
+            for masked, live, anchor in masked_local(state):
+                held += int(masked.sum())
+                off += int((live[masked] != anchor[masked]).sum())
+                moved += int((live[~masked] != anchor[~masked]).sum())
+        ak.consolidate(inner)
+    return {"held": held, "off": off, "moved": moved}
+
+
+def _holds(rank: int, world: int, out: str) -> None:
+    """The masks hold under AdamW through FSDP2 and through DDP wrapped before attach
+    (the order the HF Trainer uses), with masked_step called on the DDP wrapper."""
+    from torch.distributed.fsdp import fully_shard
+    model = ToyVLM(seed=0)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    state = ak.attach(model, config())
+    result = {"fsdp": adamw_holds(model, model, state, rank, world)}
+    model = ToyVLM(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = ak.attach(ddp, config())                 # attaches to ddp.module
+    result["ddp_attached_inner"] = ak.step.state_of(model) is state
+    result["ddp"] = adamw_holds(ddp, ddp, state, rank, world)
+    torch.save(result, os.path.join(out, f"holds-rank{rank}.pt"))
 
 
 def _thresholds(rank: int, world: int, out: str) -> None:
@@ -153,5 +265,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         _thresholds(rank, world, out)
         _ddp(rank, world, out)
         _fsdp(rank, world, out)
+        _fsdp_bad_input(rank, world, out)
+        _holds(rank, world, out)
     finally:
         torch.distributed.destroy_process_group()

@@ -28,6 +28,7 @@ import torch
 
 f32 = np.float32
 INF = math.inf
+FP32_MAX = f32(np.finfo(np.float32).max)      # 3.4028235e38, the largest finite fp32
 STAT_COLUMNS = ("grad_sq", "out_sq", "reg_sq", "drift_sq", "penalty", "masked", "nonfinite")
 
 
@@ -71,6 +72,11 @@ def kth_largest(vals: Sequence[float], k: int) -> float:
     return sorted((float(v) for v in vals), reverse=True)[k - 1]
 
 
+def _at_most_fp32_max(x):
+    """DESIGN.md 2.1: u, F, F_hat and Omega are clamped to the largest finite fp32."""
+    return FP32_MAX if x > FP32_MAX else x
+
+
 def _bounds(offsets) -> list[tuple[int, int]]:
     o = ints(offsets)
     return [(o[g], o[g + 1]) for g in range(len(o) - 1)]
@@ -91,13 +97,16 @@ def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
         group = omega[lo:hi]
         total = math.fsum(group)
         if not normalize:
-            c = 1.0
+            c = f32(1.0)
         elif total > 0:
-            c = n / total
+            with np.errstate(over="ignore"):
+                c = f32(n / total)
+            if not math.isfinite(float(c)):     # n / sum not finite in fp32: c = 0
+                c = f32(0.0)
         else:
-            c = 0.0
+            c = f32(0.0)
         k = kth_count(ratios[g], n)
-        inv_scale.append(f32(c))
+        inv_scale.append(c)
         thresh.append(f32(kth_largest(group, k)))
     return inv_scale, thresh
 
@@ -132,11 +141,11 @@ def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thre
 
                 finite = math.isfinite(float(g))
                 if finite:
-                    u = g * g if importance_kind == "fisher" else abs(g)
+                    u = _at_most_fp32_max(g * g if importance_kind == "fisher" else abs(g))
                     if accumulate == "ema":
-                        F_out[i] = beta32 * F + one_minus_beta * u
+                        F_out[i] = _at_most_fp32_max(beta32 * F + one_minus_beta * u)
                     else:
-                        F_out[i] = F + u
+                        F_out[i] = _at_most_fp32_max(F + u)
                 s = c * omega
                 masked = bool(omega >= t) and bool(omega > 0)
                 d = theta - a
@@ -154,7 +163,9 @@ def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thre
                     terms["out_sq"].append(float(out * out))
                     terms["reg_sq"].append(float(r * r))
                 terms["drift_sq"].append(float(d * d))
-                terms["penalty"].append(float(half * lam_g * s * (d * d)))
+                # 1/2 lam s d^2 read left to right, as written: the order matters only
+                # when d*d overflows (lam = 0 then gives 0 here, NaN with (d*d) first)
+                terms["penalty"].append(float(half * lam_g * s * d * d))
                 terms["masked"].append(1.0 if masked else 0.0)
                 terms["nonfinite"].append(0.0 if finite else 1.0)
             stats.append([math.fsum(terms[name]) for name in STAT_COLUMNS])
@@ -179,7 +190,7 @@ def consolidate(param, anchor, importance, fisher, *, fisher_scale, decay, merge
     with np.errstate(all="ignore"):
         for theta, a, omega, F in zip(theta_in, a_in, omega_in, F_in):
             theta, a, omega, F = f32(theta), f32(a), f32(omega), f32(F)
-            F_hat = F * scale
+            F_hat = _at_most_fp32_max(F * scale)
             if merge == "fisher":
                 denom = omega + alpha32 * F_hat
                 if denom > 0:
@@ -189,7 +200,7 @@ def consolidate(param, anchor, importance, fisher, *, fisher_scale, decay, merge
             elif merge is not None:
                 raise ValueError(f"unknown merge {merge!r}")
             theta_out.append(theta)
-            omega_out.append(decay32 * omega + F_hat)
+            omega_out.append(_at_most_fp32_max(decay32 * omega + F_hat))
     if param_dtype is not None:
         stored = values(store(theta_out, param_dtype))
         theta_out = [f32(v) for v in stored]

@@ -170,6 +170,15 @@ def test_bad_input_raises_and_touches_nothing(trained, case):
     assert (state.steps, state.steps_since_consolidation) == steps
 
 
+def assert_same_bits(a: dict, b: dict) -> None:
+    """Every tensor of two snapshots equal bit for bit (-0.0 is not +0.0, NaN is itself)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        assert x.dtype == y.dtype and torch.equal(x.view(as_int), y.view(as_int)), f"{key} changed"
+
+
 @pytest.mark.parametrize("op", ["masked_step", "consolidate", "detach"])
 def test_calls_before_attach_say_so(op):
     with pytest.raises(RuntimeError, match=f"{op}: no AIMState is attached.*ak.attach"):
@@ -180,6 +189,7 @@ CONFIG_CASES = {
     "mask_ratio = 1": (dict(groups={"all": ak.GroupConfig(".", mask_ratio=1.0)}), "mask_ratio"),
     "mask_ratio < 0": (dict(groups={"all": ak.GroupConfig(".", mask_ratio=-0.1)}), "mask_ratio"),
     "keep > 1": (dict(groups={"all": ak.GroupConfig(".", keep=1.5)}), "keep"),
+    "keep < 0": (dict(groups={"all": ak.GroupConfig(".", keep=-0.5)}), "keep"),
     "lam < 0": (dict(groups={"all": ak.GroupConfig(".", lam=-1.0)}), "lam"),
     "lam = nan": (dict(groups={"all": ak.GroupConfig(".", lam=float("nan"))}), "lam"),
     "a bad regex": (dict(groups={"all": ak.GroupConfig("(")}), "pattern"),
@@ -187,6 +197,10 @@ CONFIG_CASES = {
     "accumulate": (dict(accumulate="mean"), "accumulate"),
     "importance": (dict(importance="grad"), "importance"),
     "merge": (dict(merge="avg"), "merge"),
+    "decay < 0": (dict(decay=-0.5), "decay"),
+    "decay = nan": (dict(decay=float("nan")), "decay"),
+    "merge_alpha < 0": (dict(merge="linear", merge_alpha=-1.0), "merge_alpha"),
+    "merge_alpha = nan": (dict(merge="fisher", merge_alpha=float("nan")), "merge_alpha"),
     "align_every < 0": (dict(align_every=-1), "align_every"),
     "align_ratio > 1": (dict(align_ratio=1.5), "align_ratio"),
     "align_mode": (dict(align_mode="flip"), "align_mode"),
@@ -199,10 +213,13 @@ CONFIG_CASES = {
 def test_bad_config_is_refused_at_attach_before_anything_moves(case):
     kwargs, word = CONFIG_CASES[case]
     model = ToyVLM()
+    backward(model, 0)
     ptrs = [p.data_ptr() for p in model.parameters()]
-    with pytest.raises((ValueError, TypeError), match=word):
+    before = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=rf"AIMConfig\S*\.{word} |{word}.* regex"):
         ak.attach(model, ak.AIMConfig(**kwargs))
-    assert ptrs == [p.data_ptr() for p in model.parameters()]
+    assert ptrs == [p.data_ptr() for p in model.parameters()]     # not re-homed
+    assert_same_bits(before, snapshot(model))                     # nor written to
     ak.attach(model, ak.AIMConfig(groups=toy_groups()))   # and it was not half-attached
 
 

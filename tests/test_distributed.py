@@ -30,7 +30,8 @@ def runs(tmp_path_factory):
     torch.multiprocessing.spawn(W.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD,
                                 join=True)
     load = lambda name, r: torch.load(out / f"{name}-rank{r}.pt", weights_only=False)  # noqa: E731
-    return {name: [load(name, r) for r in range(WORLD)] for name in ("thresholds", "ddp", "fsdp")}
+    return {name: [load(name, r) for r in range(WORLD)]
+            for name in ("thresholds", "ddp", "fsdp", "fsdp_bad", "holds")}
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,50 @@ def test_dcp_refuses_another_config_before_touching_anything(runs):
     for r in runs["fsdp"]:
         assert "another model or AIMConfig" in r["wrong_config_error"]
         assert r["wrong_config_untouched"]
+
+
+def test_fsdp2_shards_mixed_with_plain_parameters_are_refused(runs):
+    for r in runs["fsdp_bad"]:
+        msg = r["mixed_error"]
+        assert msg.startswith("ValueError: attach: parameter 'vision.1.weight' is a plain tensor "
+                              "while 'vision.0.weight' is sharded (DTensor)"), msg
+        assert r["mixed_untouched"] and not r["mixed_attached"]
+
+
+def test_dcp_refuses_another_model_before_touching_anything(runs):
+    for r in runs["fsdp_bad"]:
+        msg = r["other_model_error"]
+        assert msg.startswith("ValueError: load: the checkpoint was saved from another model or "
+                              "AIMConfig"), msg
+        assert r["other_model_untouched"] and r["other_model_steps"] == (0, 0)
+
+
+def test_global_thresholds_c_is_zero_where_n_over_the_sum_overflows():
+    """DESIGN.md 2 in the FSDP2 path: a group whose Omega sums to ~1e-44 gets c_g = 0, not
+    n / sum = inf (one process: the all-reduce is the identity)."""
+    from aim_kernels import sharding
+
+    class OneProcess:
+        device = torch.device("cpu")
+
+        @staticmethod
+        def sum(t):
+            return t.clone()
+
+    tiny = torch.full((7,), 1.401298464324817e-45)
+    ok = torch.full((2,), 1e-37)
+    c, t = sharding.global_thresholds(OneProcess(), [[tiny[:3], tiny[3:]], [ok]], [0.0, 0.5],
+                                      normalize=True)
+    assert c == [0.0, float(torch.tensor(1e37))], c
+    assert t == [float("inf"), float(torch.tensor(1e-37))]
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_masks_hold_under_adamw(runs, kind):
+    """DESIGN.md 2.4 through FSDP2 shards and DDP: after every AdamW step (weight decay
+    0.01, one optimiser across tasks) each masked element equals its anchor, bitwise."""
+    results = [r[kind] for r in runs["holds"]]
+    assert all(r["off"] == 0 for r in results), results
+    assert sum(r["held"] for r in results) > 0 and all(r["moved"] > 0 for r in results)
+    if kind == "fsdp":                 # each shard held some of the masked elements
+        assert all(r["held"] > 0 for r in results), results
+    else:
+        assert all(r["ddp_attached_inner"] for r in runs["holds"])

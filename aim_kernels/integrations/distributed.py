@@ -55,3 +55,4 @@ def load(state: AIMState, path) -> None:
                  checkpoint_id=str(path))
     state.steps, state.steps_since_consolidation = (int(v) for v in meta["meta.steps"].tolist())
     state.refresh_thresholds()
+    state.reindex_holds()

@@ -13,13 +13,35 @@ import math
 
 import torch
 
-__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "kth_largest", "group_index"]
+__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "kth_largest", "group_index",
+           "FP32_MAX", "inv_scale_of"]
 
 STAT_NAMES = ("grad_sq", "out_sq", "reg_sq", "drift_sq", "penalty", "masked", "nonfinite")
 
 # Elements per chunk of the radix select. Its temporaries are O(chunk), so the
 # memory of a threshold does not grow with the group (see `kth_largest`).
 SELECT_CHUNK = 1 << 22
+
+# DESIGN.md 2.1: u, F, F_hat and Omega never exceed the largest finite fp32, so a huge
+# gradient cannot leave an infinite importance behind (0 * inf = NaN in the next task).
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _clamp(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with values above FP32_MAX (+inf) set to FP32_MAX; NaN stays NaN."""
+    return torch.where(x > FP32_MAX, torch.full_like(x, FP32_MAX), x)
+
+
+def inv_scale_of(n: int, total: float, normalize: bool) -> float:
+    """DESIGN.md 2: ``c_g`` from a group's element count and its Omega sum (float64):
+    ``1`` without normalize, ``0`` if the sum is not > 0 or ``n / sum`` overflows fp32
+    (importance too small to normalise is no importance)."""
+    if not normalize:
+        return 1.0
+    if not total > 0:
+        return 0.0
+    c = float(torch.tensor(n / total, dtype=torch.float32))
+    return c if math.isfinite(c) else 0.0
 
 
 def _group_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
@@ -51,12 +73,12 @@ def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thre
     F = fisher.float()
 
     finite = torch.isfinite(g)
-    u = g * g if importance_kind == "fisher" else g.abs()
+    u = _clamp(g * g if importance_kind == "fisher" else g.abs())
     if accumulate == "ema":
         F_new = beta * F + (1.0 - beta) * u
     else:
         F_new = F + u
-    F_new = torch.where(finite, F_new, F)       # F is never touched by a non-finite g
+    F_new = torch.where(finite, _clamp(F_new), F)       # F is never touched by a non-finite g
 
     s = c * omega
     masked = (omega >= t) & (omega > 0)
@@ -151,10 +173,7 @@ def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
         n = hi - lo
         omega = importance[lo:hi]
         total = omega.double().sum().item() if n else 0.0
-        if not normalize:
-            inv_scale[gi] = 1.0
-        elif total > 0:
-            inv_scale[gi] = n / total
+        inv_scale[gi] = inv_scale_of(n, total, normalize)
         thresh[gi] = kth_largest(omega, kth_count(ratios[gi], n)) if n else math.inf
     device = importance.device
     return inv_scale.float().to(device), thresh.float().to(device)
@@ -167,7 +186,7 @@ def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay,
     theta = param.float()
     a = anchor.float()
     omega = importance.float()
-    F_hat = fisher.float() * fisher_scale
+    F_hat = _clamp(fisher.float() * fisher_scale)
     if merge == "fisher":
         denom = omega + alpha * F_hat
         merged = (omega * a + alpha * F_hat * theta) / denom
@@ -175,7 +194,7 @@ def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay,
     elif merge == "linear":
         theta = a + alpha * (theta - a)
     param.copy_(theta)
-    importance.copy_(decay * omega + F_hat)
+    importance.copy_(_clamp(decay * omega + F_hat))
     anchor.copy_(param)      # a = theta as stored, so the drift right after is exactly 0
     fisher.zero_()
 

@@ -52,6 +52,7 @@ __all__ = ["fused_step", "group_thresholds", "consolidate_", "align_"]
 NUM_STATS = 7
 RADIX_BITS = tl.constexpr(8)
 BINS = tl.constexpr(256)
+FP32_MAX = tl.constexpr(3.4028234663852886e38)   # the largest finite fp32 (DESIGN 2.1 clamps)
 _NBINS = 256                     # the same, for host code
 SHIFTS = (24, 16, 8, 0)          # the four 8-bit digits of the (sign-less) fp32 bits
 
@@ -126,10 +127,12 @@ def _step_tile(idx, m, c, t, kappa, lam_g, grad_ptr, param_ptr, anchor_ptr, imp_
         u = g * g
     else:
         u = tl.abs(g)
+    u = tl.where(u > FP32_MAX, FP32_MAX, u)      # DESIGN 2.1: u and F stay finite
     if EMA:
         F_new = beta * F + one_minus_beta * u
     else:
         F_new = F + u
+    F_new = tl.where(F_new > FP32_MAX, FP32_MAX, F_new)
     s = c * omega
     masked = (omega >= t) & (omega > 0.0)
     d = theta - a
@@ -363,10 +366,11 @@ def _pick_kernel(hist_ptr, prefix_ptr, rem_ptr, sum_ptr, offsets_ptr, ratio_ptr,
         if SUM:
             total = tl.load(sum_ptr + g, mask=gm, other=0.0)
             if NORMALIZE:
-                c = tl.where(total > 0.0, nf / total, 0.0)
+                c = tl.where(total > 0.0, nf / total, 0.0).to(tl.float32)
+                c = tl.where(tl.abs(c) < float("inf"), c, 0.0)   # n/sum overflows fp32: 0
             else:
-                c = total * 0.0 + 1.0
-            tl.store(inv_scale_ptr + g, c.to(tl.float32), mask=gm)
+                c = (total * 0.0 + 1.0).to(tl.float32)
+            tl.store(inv_scale_ptr + g, c, mask=gm)
     else:
         rem = tl.load(rem_ptr + g, mask=gm, other=0)
         prefix = tl.load(prefix_ptr + g, mask=gm, other=0)
@@ -404,6 +408,7 @@ def _consolidate_tile(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, idx, m, fisher
         f_raw = tl.load(fisher_ptr + idx)
     omega = omega_raw.to(tl.float32)
     F_hat = f_raw.to(tl.float32) * fisher_scale
+    F_hat = tl.where(F_hat > FP32_MAX, FP32_MAX, F_hat)     # DESIGN 2.1: F_hat, Omega finite
     theta = t_raw.to(tl.float32)
     if MERGE == 1:
         denom = omega + alpha * F_hat
@@ -413,7 +418,8 @@ def _consolidate_tile(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, idx, m, fisher
         new = (a + alpha * (theta - a)).to(t_raw.dtype)
     else:
         new = t_raw                                          # theta unchanged, not rewritten
-    omega_new = (decay * omega + F_hat).to(omega_raw.dtype)
+    omega_new = decay * omega + F_hat
+    omega_new = tl.where(omega_new > FP32_MAX, FP32_MAX, omega_new).to(omega_raw.dtype)
     zero = tl.zeros([BLOCK], dtype=f_raw.dtype)
     if MASKED:
         if MERGE != 0:
