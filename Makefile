@@ -1,5 +1,5 @@
 # The two commands of the README, each doing all of its set-up on a fresh machine.
-#   make demo   -- the quick continual-VQA comparison of every method (one seed)
+#   make demo   -- the quick continual-VQA comparison of naive, mm-ewc, aim, joint (one seed, 2 jobs)
 #   make test   -- the test suite
 #   make gpu-check [DRY=1] -- the one-shot GPU check (benchmarks/gpu_check.py): on a GPU
 #                  machine with the image's python3; DRY=1 here on the CPU at small sizes

@@ -11,13 +11,14 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import contribution, data, metrics, report
-from .model import ModelSpec, make_model
+from . import contribution, data, deps, metrics, report
+from .model import MODELS, ModelSpec, make_model, model_spec, param_counts
 from .train import ALL, METHODS, RunConfig, run_method
 
 PRESETS = {"quick": {"seeds": [1]}, "full": {"seeds": [1, 2, 3]}}
@@ -29,7 +30,7 @@ def task_orders(seed: int, n: int, mode: str, skills=data.SKILLS, rc: RunConfig 
     order minimising the cross-modal contribution of adjacent tasks (seed 001)."""
     if mode == "contribution":
         from .contribution import contribution_order, contributions
-        model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress)
+        model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress, bench=bench)
         con = contributions(model, bench, list(skills))
         return [contribution_order(con, list(skills))]
     if mode == "random" or n > 1:
@@ -53,6 +54,8 @@ def aggregate(runs: list[dict]) -> dict:
     out["ap"], out["ap_std"] = metrics.mean_std(ap)
     out["af"], out["af_std"] = metrics.mean_std(af)
     out["novel"], out["novel_std"] = metrics.mean_std(nv)
+    out["last"], out["last_std"] = metrics.mean_std([r["last"] for r in runs])
+    out["bwt"], out["bwt_std"] = metrics.mean_std([r["bwt"] for r in runs])
     R = np.mean([np.array(r["acc_matrix"]) for r in runs], axis=0)
     out["acc_matrix"] = [[round(float(x), 2) for x in row] for row in R]
     out["orders"] = [r["order"] for r in runs]
@@ -60,27 +63,65 @@ def aggregate(runs: list[dict]) -> dict:
     out["train_seconds"] = float(np.mean([r["train_seconds"] for r in runs]))
     out["step_overhead"] = float(np.mean([r["step_overhead"] for r in runs]))
     out["runs"] = len(runs)
-    for k in ("ap", "ap_std", "af", "af_std", "novel", "novel_std", "seconds", "train_seconds"):
+    out["unlearnt_runs"] = sum(bool(r["unlearnt"]) for r in runs)
+    for k in ("ap", "ap_std", "af", "af_std", "novel", "novel_std", "last", "last_std", "bwt", "bwt_std",
+              "seconds", "train_seconds"):
         out[k] = round(out[k], 3)
     out["step_overhead"] = round(out["step_overhead"], 4)
     return out
 
 
+def paired_differences(runs: dict[str, list[dict]], baseline: str = "naive") -> dict:
+    """Per method, its AP / AF / BWT minus ``baseline``'s on the same seed and task order,
+    averaged over the pairs with a 95% t-interval (:func:`metrics.paired_difference`)."""
+    if baseline not in runs:
+        return {}
+    base = {(r["seed"], tuple(r["order"])): r for r in runs[baseline]}
+    out = {}
+    for m, rs in runs.items():
+        if m in (baseline, "joint"):
+            continue
+        pairs = [(r, base[(r["seed"], tuple(r["order"]))]) for r in rs
+                 if (r["seed"], tuple(r["order"])) in base]
+        if pairs:
+            out[m] = {k: metrics.paired_difference([a[k] for a, _ in pairs], [b[k] for _, b in pairs])
+                      for k in ("ap", "af", "bwt")}
+    return out
+
+
+def learnt_check(runs: dict[str, list[dict]], chance: dict[str, float]) -> dict:
+    """Chance level and learnt threshold per task, and every (method, seed, order, task)
+    whose accuracy right after its training stayed below the threshold."""
+    flagged = [dict(u, method=m, seed=r["seed"], order=list(r["order"]))
+               for m, rs in runs.items() for r in rs for u in r["unlearnt"]]
+    return {"rule": f"learnt when R[j][j] >= chance + {metrics.LEARNT_FRACTION:g} x (100 - chance); "
+                    "chance = max(100 / candidates, share of the test split's most frequent answer)",
+            "chance": {t: round(c, 2) for t, c in chance.items()},
+            "threshold": {t: round(metrics.learnt_threshold(c), 2) for t, c in chance.items()},
+            "unlearnt": flagged}
+
+
 def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, order: str = "default",
             preset: str = "custom", overrides: dict | None = None, skills=data.SKILLS,
-            sizes: tuple[int, int, int] = (3000, 300, 200), jobs: int = 1) -> dict:
+            sizes: tuple[int, int, int] = (3000, 300, 200), jobs: int = 1, taskset=None) -> dict:
     """Run ``methods`` on ``seeds`` x task orders; write summary.json, runs.json, report.md
     and plots to ``out``. ``overrides``: {method: {AIMConfig field: value}}; ``sizes``:
-    examples per task in (train, test, novel)."""
+    examples per task in (train, test, novel) of the generated benchmark; ``taskset``: a
+    :class:`taskdata.TaskSet` (``--data``) used instead, its tasks in manifest order."""
+    deps.require(lora=bool(rc.spec.lora))
+    if taskset is not None:
+        skills = tuple(taskset.train)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     cons = []
     jobs_list = []
+    counts = None
     for seed in seeds:
-        bench = data.make_benchmark(seed, *sizes, skills=tuple(skills))
-        model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress)
+        bench = taskset if taskset is not None else data.make_benchmark(seed, *sizes, skills=tuple(skills))
+        model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress, bench=bench)
+        counts = counts or param_counts(model)
         cons.append(contribution.contributions(model, bench, list(skills)))   # also fills the cache
         del model
         for o in task_orders(seed, orders, order, skills=tuple(skills), rc=rc, bench=bench):
@@ -97,7 +138,7 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
         import multiprocessing as mp
         wrc = dataclasses.replace(rc, progress=False)
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(_job, m, seed, o, wrc, (overrides or {}).get(m), tuple(skills), sizes)
+            futs = [pool.submit(_job, m, seed, o, wrc, (overrides or {}).get(m), tuple(skills), sizes, taskset)
                     for m, seed, o in jobs_list]
             for (m, seed, o), f in zip(jobs_list, futs):
                 r = f.result()
@@ -107,19 +148,28 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
         benches = {}
         for m, seed, o in jobs_list:
             if seed not in benches:
-                benches = {seed: data.make_benchmark(seed, *sizes, skills=tuple(skills))}
+                benches = {seed: taskset if taskset is not None
+                           else data.make_benchmark(seed, *sizes, skills=tuple(skills))}
             r = run_method(m, benches[seed], o, seed, rc, (overrides or {}).get(m))
             runs[m].append(r)
             show(m, seed, o, r)
+    chance = data.chance_levels(taskset if taskset is not None else bench)
+    first = next(iter(runs.values()))
     summary = {
-        "preset": preset, "device": device_name(),
-        "config": {"seeds": list(seeds), "orders": orders, "order": order, "steps_per_task": rc.steps, "joint_factor": rc.joint_factor,
-                   "batch": rc.batch, "lr": rc.lr, "model": vars(rc.spec) if not hasattr(rc.spec, "__dataclass_fields__")
-                   else {k: getattr(rc.spec, k) for k in rc.spec.__dataclass_fields__},
+        "preset": preset, "device": device_name(), "versions": deps.versions(),
+        "data": ({"source": taskset.source, "hash": taskset.data_hash, "vocab_size": taskset.vocab_size,
+                  "examples": {t: [len(taskset.train[t]), len(taskset.test[t])] for t in skills}}
+                 if taskset is not None else {"source": "generated", "sizes": list(sizes)}),
+        "config": {"seeds": list(seeds), "orders": orders, "order": order,
+                   "task_orders": [list(o) for o in dict.fromkeys(tuple(r["order"]) for r in first)],
+                   "steps_per_task": rc.steps, "joint_factor": rc.joint_factor,
+                   "batch": rc.batch, "lr": rc.lr, "model": asdict(rc.spec), "parameters": counts,
                    "checkpoint": rc.checkpoint, "skills": list(skills), "overrides": overrides or {},
                    "presets": {m: _preset_values(m) for m in methods if m != "joint"},
-                   "held_out": {k: list(v) for k, v in data.HELD_OUT.items()}},
+                   "held_out": ({k: list(v) for k, v in data.HELD_OUT.items()} if taskset is None else None)},
         "methods": {m: aggregate(runs[m]) for m in methods if m != "joint"},
+        "paired_vs_naive": paired_differences(runs),
+        "learnt_check": learnt_check(runs, chance),
     }
     if "joint" in runs:
         summary["joint"] = aggregate(runs["joint"])
@@ -150,10 +200,10 @@ def _preset_values(method: str) -> dict:
     return out
 
 
-def _job(method, seed, order, rc, overrides, skills, sizes):
+def _job(method, seed, order, rc, overrides, skills, sizes, taskset=None):
     """One run in a worker process (``--jobs``): one torch thread each."""
     torch.set_num_threads(1)
-    bench = data.make_benchmark(seed, *sizes, skills=skills)
+    bench = taskset if taskset is not None else data.make_benchmark(seed, *sizes, skills=skills)
     return run_method(method, bench, order, seed, rc, overrides)
 
 
@@ -173,15 +223,47 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="joint trains this many times the sequential total of steps")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--pretrain-steps", type=int, default=ModelSpec.pretrain_steps)
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help=f"visual pre-training / warm-up steps (default {ModelSpec.pretrain_steps}; "
+                        "--data: 600)")
+    p.add_argument("--model", default="tiny", choices=tuple(MODELS),
+                   help="tiny: decoder ~11x the projector; asym: >= 50x (see model.MODELS)")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="PEFT LoRA of rank R on the decoder (projector trained fully)")
+    p.add_argument("--data", default=None, metavar="DIR|vqa-v2:DIR|gqa:DIR",
+                   help="task data from files instead of the generated benchmark (see taskdata.py)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a local HF tokenizer folder for --data (default: word-level from the training files)")
+
+
+DATA_WARMUP_STEPS = 600
 
 
 def _rc(args) -> RunConfig:
     torch.set_num_threads(args.threads)
+    steps = args.pretrain_steps
+    if steps is None:
+        steps = DATA_WARMUP_STEPS if args.data else ModelSpec.pretrain_steps
     return RunConfig(steps=args.steps, batch=args.batch, lr=args.lr, progress=not args.no_progress,
                      joint_factor=args.joint_factor,
                      checkpoint=args.checkpoint, cache=args.cache,
-                     spec=ModelSpec(pretrain_steps=args.pretrain_steps))
+                     spec=model_spec(args.model, args.lora, pretrain_steps=steps))
+
+
+def _taskset(args):
+    """Read and check ``--data`` before anything trains (None for the generated benchmark)."""
+    if args.tokenizer and not args.data:
+        raise SystemExit("aim-kernels: --tokenizer needs --data")
+    if not args.data:
+        return None
+    from .taskdata import TaskDataError, load
+    try:
+        ts = load(args.data, args.tokenizer)
+    except TaskDataError as e:
+        raise SystemExit(f"aim-kernels: bad --data: {e}") from None
+    print(f"data {ts.source}: {len(ts.train)} tasks ({', '.join(ts.train)}), vocabulary {ts.vocab_size}, "
+          f"hash {ts.data_hash}", flush=True)
+    return ts
 
 
 def _csv(s: str) -> list[str]:
@@ -201,8 +283,11 @@ def compare_main(argv=None) -> dict:
     if bad:
         p.error(f"unknown method {bad[0]!r}; choose from {ALL}")
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else PRESETS[args.preset]["seeds"]
-    summary = compare(methods, seeds, args.out, _rc(args), args.orders, args.order, args.preset,
-                      jobs=args.jobs)
+    deps.require(lora=args.lora > 0)
+    rc = _rc(args)
+    ts = _taskset(args)
+    summary = compare(methods, seeds, args.out, rc, args.orders, args.order, args.preset,
+                      jobs=args.jobs, taskset=ts)
     print((Path(args.out) / "report.md").read_text())
     return summary
 
@@ -214,12 +299,15 @@ def run_main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="also write summary.json / report.md / plots here")
     _common(p)
     args = p.parse_args(argv)
+    deps.require(lora=args.lora > 0)
     rc = _rc(args)
+    ts = _taskset(args)
     if args.out:
-        return compare([args.method], [args.seed], args.out, rc, args.orders, args.order, "run")
-    bench = data.make_benchmark(args.seed)
+        return compare([args.method], [args.seed], args.out, rc, args.orders, args.order, "run",
+                       taskset=ts)
+    bench = ts if ts is not None else data.make_benchmark(args.seed)
     result = None
-    for o in task_orders(args.seed, args.orders, args.order, rc=rc, bench=bench):
+    for o in task_orders(args.seed, args.orders, args.order, skills=tuple(bench.train), rc=rc, bench=bench):
         result = run_method(args.method, bench, o, args.seed, rc)
         print(f"{args.method} seed {args.seed}, order {o}")
         for row in result["acc_matrix"]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import data
-from .model import inputs
+from .model import base, inputs
 
 KINDS = ("I->T", "T->I", "I->I", "T->T")
 
@@ -28,7 +28,7 @@ KINDS = ("I->T", "T->I", "I->I", "T->T")
 def features(model, split: data.Split, n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(image features [n, H], question-text features [n, H]), unit-normalised."""
     pix, ids = inputs(model, split.images[:n], split.questions[:n])
-    core = model.model
+    core = base(model).model
     img = core.get_image_features(pixel_values=pix)
     img = img.pooler_output if hasattr(img, "pooler_output") else img
     if isinstance(img, (list, tuple)):

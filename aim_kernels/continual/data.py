@@ -222,14 +222,14 @@ def make_benchmark(seed: int = 0, n_train: int = 3000, n_test: int = 300, n_nove
 
 
 def to_inputs(images: torch.Tensor, questions: torch.Tensor, image_token: int = IMAGE_TOKEN,
-              num_patches: int = NUM_PATCHES, image_size: int | None = None):
+              num_patches: int = NUM_PATCHES, image_size: int | None = None, bos: int = 1):
     """(pixel_values float [B,3,H,W], input_ids [B, 1 + P + 4]) for a LLaVA forward."""
     pix = images.float() / 255.0
     if image_size is not None and image_size != pix.shape[-1]:
         pix = torch.nn.functional.interpolate(pix, size=(image_size, image_size), mode="bilinear",
                                               align_corners=False)
     b = len(questions)
-    ids = torch.cat([torch.full((b, 1), WORD_ID["<bos>"]),
+    ids = torch.cat([torch.full((b, 1), bos),
                      torch.full((b, num_patches), image_token), questions], dim=1)
     return pix, ids
 
@@ -269,3 +269,14 @@ def pretrain_scenes(n: int, seed: int):
     cands = torch.tensor([WORD_ID[w] for w in COLOURS + SHAPES + SIZES + ("none",)])
     return images, torch.stack(targets), Split("describe", images, torch.tensor(qs),
                                                torch.tensor(ans), cands)
+
+
+def chance_levels(bench: Benchmark) -> dict[str, float]:
+    """Per task, the chance accuracy (percent) of :func:`metrics.chance_level`: the better of
+    a uniform guess over the candidates and the test split's most frequent answer."""
+    from .metrics import chance_level
+    out = {}
+    for name, split in bench.test.items():
+        counts = torch.unique(split.answers, return_counts=True)[1]
+        out[name] = chance_level(len(split.candidates), float(counts.max()) / len(split))
+    return out

@@ -25,22 +25,79 @@ class ModelSpec:
     pretrain_steps: int = 400  # visual pre-training on all concepts
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3
+    intermediate: int = 0      # decoder MLP width (0: 2 x hidden)
+    lora: int = 0              # > 0: PEFT LoRA of this rank on the decoder, projector trained fully
+    name: str = "custom"
 
 
-def build_llava(spec: ModelSpec, seed: int):
+# ``--model``: tiny = the benchmark's model (decoder ~11x the projector); asym widens and
+# deepens the decoder only, to >= 50x the projector's trainable parameters (LLaVA-1.5-7B:
+# ~350x), the asymmetry the seeds' claim is about; small is in between.
+MODELS = {
+    "tiny": ModelSpec(name="tiny"),
+    "small": ModelSpec(layers=3, intermediate=256, name="small"),
+    "asym": ModelSpec(layers=4, intermediate=512, name="asym"),
+}
+
+
+def model_spec(name: str, lora: int = 0, **changes) -> ModelSpec:
+    """A ``--model`` preset with ``--lora`` and other fields replaced."""
+    import dataclasses
+    if name not in MODELS:
+        raise ValueError(f"--model {name!r}: choose from {tuple(MODELS)}")
+    if lora < 0:
+        raise ValueError(f"--lora must be >= 0, got {lora}")
+    return dataclasses.replace(MODELS[name], lora=lora, **changes)
+
+
+def build_llava(spec: ModelSpec, seed: int, vocab_size: int = data.VOCAB_SIZE, bos: int = 1):
+    """A LLaVA from a config; the image token is the last id of ``vocab_size``."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     torch.manual_seed(seed)
     h = spec.hidden
     vision = CLIPVisionConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=spec.vision_layers,
                               num_attention_heads=spec.heads, image_size=data.IMAGE_SIZE,
                               patch_size=spec.patch)
-    text = LlamaConfig(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=spec.layers,
+    text = LlamaConfig(hidden_size=h, intermediate_size=spec.intermediate or 2 * h,
+                       num_hidden_layers=spec.layers,
                        num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-                       vocab_size=data.VOCAB_SIZE, max_position_embeddings=64, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=data.IMAGE_TOKEN,
+                       vocab_size=vocab_size, max_position_embeddings=128, pad_token_id=0,
+                       bos_token_id=bos, eos_token_id=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab_size - 1,
                          vision_feature_select_strategy="default", vision_feature_layer=-1)
     return LlavaForConditionalGeneration(config)
+
+
+def base(model):
+    """The LLaVA under a PEFT wrapper (PeftModel forwards ``.model`` to the LLaVA itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def add_lora(model, rank: int):
+    """PEFT LoRA of ``rank`` on every linear layer of the decoder; the projector stays fully
+    trainable (PEFT freezes everything else); the vision tower stays frozen."""
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                     target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+    model = get_peft_model(model, cfg)
+    for n, p in model.named_parameters():
+        if "multi_modal_projector" in n:
+            p.requires_grad_(True)
+    return model
+
+
+def param_counts(model) -> dict:
+    """Parameters per part (all / trainable) and the decoder / projector-trainable ratio."""
+    out = {k: {"all": 0, "trainable": 0} for k in ("vision", "projector", "decoder")}
+    for n, p in model.named_parameters():
+        k = ("vision" if "vision_tower" in n else "projector" if "multi_modal_projector" in n
+             else "decoder")
+        out[k]["all"] += p.numel()
+        out[k]["trainable"] += p.numel() if p.requires_grad else 0
+    proj = max(out["projector"]["trainable"], 1)
+    out["decoder_over_projector"] = round(out["decoder"]["all"] / proj, 1)
+    out["decoder_trainable_over_projector"] = round(out["decoder"]["trainable"] / proj, 2)
+    return out
 
 
 def load_checkpoint(path: str | os.PathLike):
@@ -65,7 +122,7 @@ def geometry(model) -> dict:
     if model.config.vision_feature_select_strategy == "full":
         patches += 1
     return {"image_token": model.config.image_token_index, "num_patches": patches,
-            "image_size": vc.image_size}
+            "image_size": vc.image_size, "bos": model.config.text_config.bos_token_id}
 
 
 def inputs(model, images, questions):
@@ -85,6 +142,7 @@ def _quadrant_features(model, pix):
 
 
 def vision_tower(model):
+    model = base(model)
     return model.model.vision_tower if hasattr(model.model, "vision_tower") else model.vision_tower
 
 
@@ -134,15 +192,28 @@ def default_cache() -> Path:
 
 
 def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | None = None,
-               cache: str | os.PathLike | None = None, progress: bool = False):
-    """The model a method starts from: built (or loaded), visually pre-trained (cached per
-    seed), vision tower frozen. Returns ``(model, info)``."""
+               cache: str | os.PathLike | None = None, progress: bool = False, bench=None):
+    """The model a method starts from: built (or loaded), visually pre-trained (generated
+    benchmark) or warmed up without answers (task data from files, ``bench`` a
+    :class:`taskdata.TaskSet`), cached per seed (and data hash), vision tower frozen,
+    LoRA added when ``spec.lora``. Returns ``(model, info)``."""
+    from .taskdata import TaskSet
+    on_files = isinstance(bench, TaskSet)
+    arch = {k: v for k, v in asdict(spec).items() if k not in ("lora", "name")}
     if checkpoint:
         model = load_checkpoint(checkpoint)
-        key_src = {"checkpoint": str(Path(checkpoint).resolve()), "spec": asdict(spec), "seed": seed}
+        if on_files and model.config.text_config.vocab_size < bench.vocab_size:
+            raise ValueError(f"checkpoint {checkpoint}: text vocab_size {model.config.text_config.vocab_size}"
+                             f" < the data's {bench.vocab_size} (use --tokenizer with the checkpoint's own)")
+        key_src = {"checkpoint": str(Path(checkpoint).resolve()), "spec": arch, "seed": seed}
+    elif on_files:
+        model = build_llava(spec, seed, bench.vocab_size, bench.bos)
+        key_src = {"spec": arch, "seed": seed, "data": bench.data_hash, "warmup": 4}
     else:
         model = build_llava(spec, seed)
-        key_src = {"spec": asdict(spec), "seed": seed, "data": 3}
+        key_src = {"spec": arch, "seed": seed, "data": 3}
+    if on_files:
+        key_src["data"] = bench.data_hash
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(cache) if cache else default_cache()
     path = cache_dir / f"pretrained-{key}.pt"
@@ -153,7 +224,12 @@ def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | N
             model.load_state_dict(torch.load(path, weights_only=True))
         else:
             torch.manual_seed(seed + 1)
-            info.update(pretrain(model, spec, seed, progress))
+            if on_files:
+                from .warmup import warm_up
+                info.update(warm_up(model, bench.pretrain_images, bench.pretrain_questions, spec.pretrain_steps, spec.pretrain_batch,
+                                    spec.pretrain_lr, seed, bench.captions, progress))
+            else:
+                info.update(pretrain(model, spec, seed, progress))
             try:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -162,5 +238,7 @@ def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | N
             except OSError:
                 pass
     vt.requires_grad_(False)
+    if spec.lora:
+        model = add_lora(model, spec.lora)
     torch.manual_seed(seed + 2)
     return model, info

@@ -8,20 +8,83 @@ def _fmt(m: float, s: float) -> str:
     return f"{m:.1f} ± {s:.1f}"
 
 
+def _opt(r: dict, k: str) -> str:
+    return _fmt(r[k], r[k + "_std"]) if k in r else "–"
+
+
 def table(summary: dict) -> str:
-    """The markdown table of AP / AF / novel (percent, mean ± std over runs) and timings."""
-    rows = ["| method | AP ↑ | AF ↓ | novel ↑ | s / run | masked_step share of a step |",
-            "|---|---|---|---|---|---|"]
+    """The markdown table of AP / AF / novel and MCITlib's Last / BWT (percent, mean ± std
+    over runs) and timings."""
+    rows = ["| method | AP ↑ | AF ↓ | Last ↑ | BWT ↑ | novel ↑ | s / run | masked_step share of a step |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, r in summary["methods"].items():
         rows.append(f"| `{name}` | {_fmt(r['ap'], r['ap_std'])} | {_fmt(r['af'], r['af_std'])} | "
+                    f"{_opt(r, 'last')} | {_opt(r, 'bwt')} | "
                     f"{_fmt(r['novel'], r['novel_std'])} | {r['seconds']:.0f} | "
                     f"{100 * r['step_overhead']:.1f}% |")
     if "joint" in summary:
         r = summary["joint"]
-        rows.append(f"| `joint` (upper bound) | {_fmt(r['ap'], r['ap_std'])} | – | "
+        rows.append(f"| `joint` (upper bound) | {_fmt(r['ap'], r['ap_std'])} | – | {_opt(r, 'last')} | – | "
                     f"{_fmt(r['novel'], r['novel_std'])} | {r['seconds']:.0f} | "
                     f"{100 * r['step_overhead']:.1f}% |")
     return "\n".join(rows)
+
+
+def _interval(d: dict) -> str:
+    if d["low"] is None:
+        return f"{d['mean']:+.1f} (one pair: no interval)"
+    return f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+
+
+def significance_table(paired: dict) -> str:
+    """Per method, AP / AF / BWT minus naive's on the same seed and order, with the 95%
+    interval, and which differences are significant (interval excludes 0)."""
+    rows = ["| method | ΔAP vs naive [95% CI] | ΔAF vs naive [95% CI] | ΔBWT vs naive [95% CI] | pairs | verdict |",
+            "|---|---|---|---|---|---|"]
+    for m, d in paired.items():
+        verdict = []
+        for k, better in (("ap", 1), ("af", -1)):
+            x = d[k]
+            if not x["significant"]:
+                verdict.append(f"{k.upper()}: not significant")
+            else:
+                verdict.append(f"{k.upper()}: {'better' if x['mean'] * better > 0 else 'worse'} than naive")
+        rows.append(f"| `{m}` | {_interval(d['ap'])} | {_interval(d['af'])} | {_interval(d['bwt'])} | "
+                    f"{d['ap']['n']} | {'; '.join(verdict)} |")
+    return "\n".join(rows)
+
+
+def learnt_section(check: dict) -> list[str]:
+    """Chance level per task, and every run in which a task was not learnt, flagged."""
+    tasks = list(check["chance"])
+    lines = ["## Learnt-task check", "",
+             f"Each run checks every task right after training it ({check['rule']}).", "",
+             "| task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
+             "| chance % | " + " | ".join(f"{check['chance'][t]:.1f}" for t in tasks) + " |",
+             "| learnt from % | " + " | ".join(f"{check['threshold'][t]:.1f}" for t in tasks) + " |", ""]
+    if not check["unlearnt"]:
+        lines += ["Every task was learnt in every run.", ""]
+        return lines
+    lines += [f"**⚠ {len(check['unlearnt'])} task(s) NOT LEARNT** -- AP / AF of these runs describe "
+              "tasks that did not train:", ""]
+    for u in check["unlearnt"]:
+        lines.append(f"- ⚠ `{u['method']}` seed {u['seed']}, order {'/'.join(u['order'])}: task "
+                     f"`{u['task']}` reached {u['acc']:.1f}% (chance {u['chance']:.1f}%, learnt from "
+                     f"{u['threshold']:.1f}%)")
+    return lines + [""]
+
+
+def model_line(summary: dict) -> str:
+    cfg = summary["config"]
+    spec, n = cfg.get("model") or {}, cfg.get("parameters")
+    if not n:
+        return ""
+    lora = f", LoRA rank {spec['lora']} on the decoder" if spec.get("lora") else ""
+    return (f"Model `{spec.get('name', 'custom')}`{lora}: decoder {n['decoder']['all']:,} parameters "
+            f"({n['decoder']['trainable']:,} trainable), projector {n['projector']['trainable']:,} "
+            f"trainable, vision {n['vision']['all']:,} (frozen after pre-training); "
+            f"**decoder / projector-trainable parameter ratio {n['decoder_over_projector']:g}x** "
+            f"(trainable decoder / projector {n['decoder_trainable_over_projector']:g}x).")
 
 
 def write_report(summary: dict, runs: dict, out: Path) -> None:
@@ -33,6 +96,7 @@ def write_report(summary: dict, runs: dict, out: Path) -> None:
              f"{cfg.get('joint_factor', 1):g} x the sequential total), batch {cfg['batch']}, "
              f"AdamW lr {cfg['lr']}. Percent, mean ± std over seeds x orders. "
              f"Wall time {summary.get('wall_seconds', 0):.0f} s.", "",
+             model_line(summary), "",
              table(summary), "",
              "AP = mean accuracy over all tasks after the last; AF = mean over tasks but the last "
              "of (best accuracy before the end - final accuracy); novel = final accuracy on the "
@@ -40,7 +104,21 @@ def write_report(summary: dict, runs: dict, out: Path) -> None:
              "task's candidate answers. `s / run` is the wall time of one method on one seed "
              "(model set-up, training, evaluation); the last column is the time inside "
              "`ak.masked_step` over the time of whole steps (forward, backward, masked_step, "
-             "AdamW).", ""]
+             "AdamW). Last and BWT are MCITlib's: Last = mean of the last row (the same number "
+             "as AP); BWT = mean over tasks but the last of (final accuracy - accuracy right after "
+             "training it).", ""]
+    data = summary.get("data") or {}
+    if data.get("hash"):
+        lines += [f"Data: `{data['source']}`, hash {data['hash']}, tasks (train/test examples): "
+                  + ", ".join(f"{t} {a}/{b}" for t, (a, b) in data["examples"].items()) + ".", ""]
+    if summary.get("paired_vs_naive"):
+        lines += ["## Against naive (paired by seed and task order)", "",
+                  significance_table(summary["paired_vs_naive"]), "",
+                  "Mean of the per-pair differences with a 95% Student-t interval; \"not significant\" "
+                  "where the interval holds 0 (one pair has no interval and is never significant). "
+                  "AF: lower is better.", ""]
+    if summary.get("learnt_check"):
+        lines += learnt_section(summary["learnt_check"])
     first = next(iter(runs.values()))[0]
     lines += [f"## Accuracy matrices R (mean over runs; rows: after task i, columns: task j; "
               f"order of the first run: {', '.join(first['order'])})", ""]

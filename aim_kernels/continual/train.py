@@ -106,12 +106,21 @@ def _train(model, batches, steps: int, lr: float, desc: str, progress: bool, log
     return step_t, masked_t
 
 
+def _warn_unlearnt(method, seed, task, acc, chance):
+    """Say at once (not only in the report) when a task did not train."""
+    if acc < metrics.learnt_threshold(chance):
+        print(f"warning: {method} seed {seed}: task {task!r} not learnt: {acc:.1f}% right after "
+              f"training it (chance {chance:.1f}%, learnt from {metrics.learnt_threshold(chance):.1f}%)",
+              flush=True)
+
+
 def run_method(method: str, bench: data.Benchmark, order, seed: int, rc: RunConfig,
                overrides: dict | None = None) -> dict:
     """Train one method through ``order`` (skill names); returns R, AP, AF, novel, timings."""
     t_start = time.perf_counter()
     torch.manual_seed(seed)
-    model, info = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress)
+    model, info = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress, bench=bench)
+    chance = data.chance_levels(bench)
     cfg = ak.preset("naive" if method == "joint" else method, **(overrides or {}))
     ak.attach(model, cfg)
     order = list(order)
@@ -139,13 +148,17 @@ def run_method(method: str, bench: data.Benchmark, order, seed: int, rc: RunConf
                 ak.consolidate(model)
                 log["task_ends"].append((k + 1) * rc.steps)
                 R.append([evaluate(model, bench.test[s], rc.eval_batch) for s in order])
-        novel_parts = [evaluate(model, bench.novel[s], rc.eval_batch) for s in order if s in bench.novel]
+                _warn_unlearnt(method, seed, skill, R[k][k], chance[skill])
+        novel_parts = [evaluate(model, bench.novel[s], rc.eval_batch)
+                       for s in list(order) + sorted(set(bench.novel) - set(order)) if s in bench.novel]
     finally:
         ak.detach(model)
     novel = sum(novel_parts) / len(novel_parts) if novel_parts else float("nan")
     return {
         "method": method, "seed": seed, "order": order, "acc_matrix": R,
         "ap": metrics.average_performance(R), "af": metrics.average_forgetting(R),
+        "last": metrics.last_average(R), "bwt": metrics.backward_transfer(R),
+        "unlearnt": metrics.unlearnt_tasks(R, order, chance), "chance": chance,
         "novel": novel, "seconds": time.perf_counter() - t_start,
         "train_seconds": step_t, "step_overhead": masked_t / step_t if step_t else 0.0,
         "drift": log, "pretrain": info,
