@@ -4,6 +4,10 @@ tests/test_distributed.py."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -190,6 +194,51 @@ def test_a_save_killed_mid_write_leaves_a_folder_that_is_never_read(tmp_path):
     _same(_loaded(path), good)
     dist_ckpt.save(state, path)
     assert not leftover.exists()
+
+
+_SAVER = """
+import sys, warnings, torch, aim_kernels as ak
+from torch import nn
+from aim_kernels.integrations import distributed as dist_ckpt
+warnings.simplefilter("ignore")
+model = nn.Module(); model.language = nn.Linear(int(sys.argv[2]), 1, bias=False)
+state = ak.attach(model, ak.AIMConfig(groups={"language": ak.GroupConfig("language")}))
+i = 0
+while True:
+    i += 1
+    with torch.no_grad():
+        state.buckets[0].importance.fill_(i); state.buckets[0].fisher.fill_(-i)
+    dist_ckpt.save(state, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_save_leaves_a_complete_checkpoint(tmp_path):
+    """SIGKILL halfway through a save: ckpt is then one whole save, never a mix or a
+    truncated file (save i fills Ω with i and F with -i)."""
+    n = 1 << 21
+    path = tmp_path / "ckpt"
+    model = torch.nn.Module()
+    model.language = torch.nn.Linear(n, 1, bias=False)
+    state = ak.attach(model, ak.AIMConfig(groups={"language": ak.GroupConfig("language")}))
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), str(n)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "1"
+        start = time.monotonic()
+        assert proc.stdout.readline().strip() == "2"
+        time.sleep((time.monotonic() - start) / 2)     # halfway through the third save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    dist_ckpt.load(state, path)
+    i = float(state.buckets[0].importance[0])
+    assert i >= 1 and bool((state.buckets[0].importance == i).all())
+    assert bool((state.buckets[0].fisher == -i).all())
 
 
 def test_load_checks_the_checkpoint_before_touching_the_state(tmp_path):
