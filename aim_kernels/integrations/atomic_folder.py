@@ -45,7 +45,7 @@ def _split(path) -> tuple[str, str]:
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
     if not name:
-        raise ValueError(f"save: path {path!r} names no folder")
+        raise ValueError(f"checkpoint path {path!r} names no folder")
     return parent, name
 
 
