@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .ops.reference import align_group_, inv_scale_of, kth_count, kth_largest
+from .ops.reference import inv_scale_of, kth_count, kth_largest
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -71,42 +71,28 @@ class Collectives:
         return out.to(t.device)
 
 
-def _joined(pieces: list[torch.Tensor], device) -> torch.Tensor:
-    """One fp32 vector of a group's local pieces (no copy when there is one piece)."""
-    pieces = [p for p in pieces if p.numel()]
-    if len(pieces) == 1:
-        return pieces[0].float()
-    if not pieces:
-        return torch.zeros(0, device=device)
-    return torch.cat([p.float().to(pieces[0].device) for p in pieces])
-
-
 def global_thresholds(coll: Collectives, omega: list[list[torch.Tensor]], ratios: list[float],
                       normalize: bool) -> tuple[list[float], list[float]]:
     """``(c_g, t_g)`` of every group over all processes; ``omega[g]`` is the list of the
-    group's local pieces (one per bucket)."""
-    joined = [_joined(pieces, coll.device) for pieces in omega]
-    local_sums = torch.tensor([[o.numel(), o.double().sum().item()] for o in joined],
-                              dtype=torch.float64).reshape(len(joined), 2)
+    group's local pieces (one per bucket). The select runs over the pieces where they lie
+    (their histograms add up, then all-reduce): no piece is gathered or copied."""
+    local_sums = torch.tensor([[sum(o.numel() for o in pieces),
+                                sum(o.double().sum().item() for o in pieces)]
+                               for pieces in omega], dtype=torch.float64).reshape(len(omega), 2)
     sums = coll.sum(local_sums).tolist()
     inv_scale, thresh = [], []
     for g, (n, total) in enumerate(sums):
         n = int(n)
         inv_scale.append(inv_scale_of(n, total, normalize))
         k = kth_count(ratios[g], n)
-        thresh.append(kth_largest(joined[g], k, hist_reduce=coll.sum) if n else math.inf)
+        thresh.append(kth_largest(omega[g], k, hist_reduce=coll.sum) if n else math.inf)
     return inv_scale, thresh
 
 
-def global_align_(coll: Collectives, params: list[list[torch.Tensor]],
-                  anchors: list[list[torch.Tensor]], ratio: float, mode: str) -> None:
-    """DESIGN.md 2.3 on the local pieces of every group (``params[g]``, ``anchors[g]``),
-    with each group's ``m_g`` taken over all of its pieces on all processes."""
+def global_align_thresholds(coll: Collectives, anchors: list[list[torch.Tensor]],
+                            ratio: float) -> list[float]:
+    """Every group's ``m_g`` (DESIGN.md 2.3) over all of its pieces on all processes."""
     counts = coll.sum(torch.tensor([sum(a.numel() for a in pieces) for pieces in anchors],
                                    dtype=torch.float64)).tolist()
-    for theta_pieces, a_pieces, n in zip(params, anchors, counts):
-        k = kth_count(ratio, int(n))
-        mag = _joined(a_pieces, coll.device).abs()
-        m = kth_largest(mag, k, hist_reduce=coll.sum) if n else math.inf
-        for theta, a in zip(theta_pieces, a_pieces):
-            align_group_(theta, a, m, mode)
+    return [kth_largest(pieces, kth_count(ratio, int(n)), hist_reduce=coll.sum) if n
+            else math.inf for pieces, n in zip(anchors, counts)]

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from . import checkpoint, holds, ops, relocate, sharding
 from .config import AIMConfig, GroupConfig
+from .ops.reference import inv_scale_of, kth_count, kth_largest
 
-_STATE_DICT_VERSION = 1
+_STATE_DICT_VERSION = 2
+# Version 1 had no m_g (bucket<i>.align_m): it is recomputed from the anchors on load,
+# which is exact, since m_g depends on the anchors only.
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Bucket:
     mask_ratio: torch.Tensor         # fp64 [G]: k = floor(rho * n) as the user wrote rho
     inv_scale: torch.Tensor = field(default=None)   # fp32 [G], global per group
     thresh: torch.Tensor = field(default=None)      # fp32 [G], global per group
+    align_m: torch.Tensor = field(default=None)     # fp32 [G], m_g of 2.3, global per group
 
     @property
     def key(self) -> str:
@@ -166,32 +172,38 @@ class AIMState:
         return counts
 
     def refresh_thresholds(self) -> None:
-        """Recompute ``t_g`` and ``c_g`` from the current importance (DESIGN.md 2).
+        """Recompute ``t_g`` and ``c_g`` from the current importance (DESIGN.md 2), and
+        ``m_g`` from the anchors (2.3: they change only at attach and consolidation, which
+        is when this runs, so ``align_`` never selects again between them).
 
-        One ``group_thresholds`` call per bucket. A group spread over several
-        buckets (mixed dtypes or devices) needs its k-th largest over all of them:
-        for those groups only, the importance is gathered to one fp32 vector.
+        One ``group_thresholds`` call per bucket. A group spread over several buckets
+        (mixed dtypes or devices) needs its k-th largest over all of them: for those
+        groups the radix select runs over the pieces where they lie and adds their
+        histograms (as the sharded path does over processes); nothing is gathered.
         """
         if self.collectives is not None:
             return self._refresh_sharded_thresholds()
-        backend = self.config.backend
+        cfg = self.config
         for b in self.buckets:
             b.inv_scale, b.thresh = ops.group_thresholds(
-                b.importance, b.offsets, b.mask_ratio, normalize=self.config.normalize,
-                backend=backend)
+                b.importance, b.offsets, b.mask_ratio, normalize=cfg.normalize,
+                backend=cfg.backend)
+            b.align_m = (ops.align_thresholds(b.anchor, b.offsets, cfg.align_ratio,
+                                              backend=cfg.backend) if cfg.align_every
+                         else torch.full((self.num_groups,), math.inf, device=b.device))
         for g in range(self.num_groups):
             holders = [b for b in self.buckets if b.group_range(g)[0] != b.group_range(g)[1]]
             if len(holders) < 2:
                 continue
-            home = holders[0].device
-            omega = torch.cat([b.importance[slice(*b.group_range(g))].to(home, torch.float32)
-                               for b in holders])
-            ratio = holders[0].mask_ratio[g:g + 1].to(home)
-            c, t = ops.group_thresholds(omega, torch.tensor([0, omega.numel()], device=home),
-                                        ratio, normalize=self.config.normalize, backend=backend)
+            omega = [b.importance[slice(*b.group_range(g))] for b in holders]
+            n = sum(o.numel() for o in omega)
+            total = sum(o.double().sum().item() for o in omega)
+            c = inv_scale_of(n, total, cfg.normalize)
+            t = kth_largest(omega, kth_count(holders[0].mask_ratio[g].item(), n))
+            m = (kth_largest([b.anchor[slice(*b.group_range(g))] for b in holders],
+                             kth_count(cfg.align_ratio, n)) if cfg.align_every else math.inf)
             for b in self.buckets:
-                b.inv_scale[g] = c[0].to(b.device)
-                b.thresh[g] = t[0].to(b.device)
+                b.inv_scale[g], b.thresh[g], b.align_m[g] = c, t, m
 
     def group_pieces(self, kind: str) -> list[list[torch.Tensor]]:
         """Per group, the slices of buffer ``kind`` ("param", "anchor", ...) of every bucket."""
@@ -202,9 +214,13 @@ class AIMState:
         ratios = [c.mask_ratio for c in self.group_configs.values()]
         inv_scale, thresh = sharding.global_thresholds(
             self.collectives, self.group_pieces("importance"), ratios, self.config.normalize)
+        align_m = (sharding.global_align_thresholds(self.collectives, self.group_pieces("anchor"),
+                                                    self.config.align_ratio)
+                   if self.config.align_every else [math.inf] * self.num_groups)
         for b in self.buckets:
             b.inv_scale = torch.tensor(inv_scale, dtype=torch.float32, device=b.device)
             b.thresh = torch.tensor(thresh, dtype=torch.float32, device=b.device)
+            b.align_m = torch.tensor(align_m, dtype=torch.float32, device=b.device)
 
     # ---- masks hold on the update (DESIGN.md 2.4) -----------------------------------
     def reindex_holds(self) -> None:
@@ -261,21 +277,25 @@ class AIMState:
             "meta.steps": torch.tensor([self.steps, self.steps_since_consolidation], dtype=torch.int64),
         }
         for i, b in enumerate(self.buckets):
-            for kind in ("anchor", "importance", "fisher", "inv_scale", "thresh"):
+            for kind in ("anchor", "importance", "fisher", "inv_scale", "thresh", "align_m"):
                 sd[f"bucket{i}.{kind}"] = getattr(b, kind).detach()
         return sd
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Restore a :meth:`state_dict`; checks everything before copying anything."""
         expected = self.state_dict()
+        version = int(sd["meta.version"][0]) if "meta.version" in sd else None
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"load_state_dict: state_dict version {version}, this library "
+                             f"reads versions {_READABLE_VERSIONS}")
+        old_m = version == 1           # no m_g saved: recomputed from the loaded anchors
+        if old_m:
+            expected = {k: v for k, v in expected.items() if not k.endswith(".align_m")}
         missing = sorted(set(expected) - set(sd))
         unexpected = sorted(set(sd) - set(expected))
         if missing or unexpected:
             raise ValueError(f"load_state_dict: keys differ (missing {missing}, unexpected "
                              f"{unexpected}); was it saved from another model?")
-        if int(sd["meta.version"][0]) != _STATE_DICT_VERSION:
-            raise ValueError(f"load_state_dict: state_dict version {int(sd['meta.version'][0])}, "
-                             f"this library reads {_STATE_DICT_VERSION}")
         fp = bytes(sd["meta.fingerprint"].cpu().tolist())
         half = len(fp) // 2
         if fp[half:] != self._fingerprint[half:]:
@@ -298,7 +318,17 @@ class AIMState:
                 if not key.startswith("meta."):
                     ref.copy_(sd[key])
         self.steps, self.steps_since_consolidation = (int(v) for v in sd["meta.steps"].tolist())
+        if old_m:
+            self._refresh_align_thresholds()
         self.reindex_holds()
+
+    def _refresh_align_thresholds(self) -> None:
+        """m_g only (the other thresholds as they were): for a version-1 state_dict."""
+        saved = [(b.inv_scale.clone(), b.thresh.clone()) for b in self.buckets]
+        self.refresh_thresholds()
+        for b, (c, t) in zip(self.buckets, saved):
+            b.inv_scale.copy_(c)
+            b.thresh.copy_(t)
 
     def save(self, path) -> None:
         """Write the state_dict to a safetensors file, atomically: a temporary file in the

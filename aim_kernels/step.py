@@ -261,16 +261,13 @@ def _skipped(state: AIMState) -> StepStats:
 
 
 def _align(state: AIMState) -> None:
+    """DESIGN.md 2.3 with the m_g the state keeps (computed at attach and consolidation,
+    one per group over all of its buckets and processes): one elementwise pass per bucket."""
     cfg = state.config
-    if state.collectives is not None:     # m_g over every shard of the group
-        sharding.global_align_(state.collectives, state.group_pieces("param"),
-                               state.group_pieces("anchor"), cfg.align_ratio, cfg.align_mode)
-        state.push_params()
-        return
-    # Per bucket: a group split over dtypes/devices takes its top-|a| per bucket.
     for b in state.buckets:
-        ops.align_(b.param, b.anchor, b.offsets, cfg.align_ratio, mode=cfg.align_mode,
-                   backend=cfg.backend)
+        ops.align_apply_(b.param, b.anchor, b.offsets, b.align_m, mode=cfg.align_mode,
+                         backend=cfg.backend)
+    state.push_params()               # sharded slots get their reset weights back
 
 
 @torch.no_grad()

@@ -45,7 +45,29 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "command": shlex.join([os.path.basename(sys.executable), "-m", "pytest"] + sys.argv[1:]),
         "native": _native_info(),
         "speedup_vs_torch": speedups(output_json.get("benchmarks", [])),
+        "vs_fused_adamw": vs_adamw(output_json.get("benchmarks", [])),
+        "uptime": _uptime(),
     }
+
+
+def _uptime() -> str:
+    """``uptime`` at the end of the run: the load this shared machine was under."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def vs_adamw(benchmarks) -> dict:
+    """Per benchmark group holding an ``adamw`` row: mean time of each backend / that of
+    torch.optim.AdamW(fused=True) on the same N, measured in this run."""
+    by_group: dict = {}
+    for b in benchmarks:
+        backend = (b.get("params") or {}).get("backend")
+        if backend is not None:
+            by_group.setdefault(b["group"], {})[backend] = b["stats"]["mean"]
+    return {group: {name: t / times["adamw"] for name, t in times.items() if name != "adamw"}
+            for group, times in by_group.items() if "adamw" in times}
 
 
 def _native_info() -> dict:
@@ -64,7 +86,8 @@ def speedups(benchmarks) -> dict:
         backend = (b.get("params") or {}).get("backend")
         if backend is not None:
             by_group.setdefault(b["group"], {})[backend] = b["stats"]["mean"]
-    return {group: {name: times["torch"] / t for name, t in times.items() if name != "torch"}
+    return {group: {name: times["torch"] / t for name, t in times.items()
+                    if name not in ("torch", "adamw")}
             for group, times in by_group.items() if "torch" in times}
 
 

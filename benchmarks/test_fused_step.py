@@ -21,7 +21,7 @@ MAX_LOG2 = int(os.environ.get("AIM_BENCH_MAX_LOG2", 26 if DEVICE == "cuda" else 
 SIZES = [1 << k for k in range(16, MAX_LOG2 + 1, 2)]
 GROUPS = 3
 BACKENDS = [b for b in ak.available_backends() if b != "triton" or DEVICE == "cuda"]
-DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+DTYPES = [torch.float32, torch.bfloat16]     # bf16: g, θ, a in bf16, Ω and F in fp32
 
 
 def bytes_per_element(dtype) -> int:
@@ -44,11 +44,18 @@ def make_inputs(n: int, dtype, seed: int = 0):
     return (grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam)
 
 
-def record(benchmark, n, dtype, copy_gbps):
+def adamw_bytes_per_element(dtype) -> int:
+    """torch's fused AdamW: read θ, g, m, v and write θ, m, v, all in the parameter dtype."""
+    return 7 * dtype.itemsize
+
+
+def record(benchmark, n, dtype, nbytes: int):
     seconds = benchmark.stats.stats.mean
-    gbps = n * bytes_per_element(dtype) / seconds / 1e9
-    benchmark.extra_info.update(n=n, dtype=str(dtype), bytes_per_element=bytes_per_element(dtype),
-                                gbps=gbps, copy_gbps=copy_gbps, copy_fraction=gbps / copy_gbps)
+    gbps = n * nbytes / seconds / 1e9
+    copy = copy_gbps(n * nbytes)
+    benchmark.extra_info.update(n=n, dtype=str(dtype), bytes_per_element=nbytes, gbps=gbps,
+                                copy_gbps=copy, copy_fraction=gbps / copy,
+                                load=[round(x, 2) for x in os.getloadavg()])
 
 
 def matches_reference(backend, n, dtype, kwargs) -> bool:
@@ -86,18 +93,25 @@ def copy_gbps(nbytes: int) -> float:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"2^{n.bit_length() - 1}")
-@pytest.mark.parametrize("backend", BACKENDS + ["torch.compile"])
+@pytest.mark.parametrize("backend", BACKENDS + ["torch.compile", "adamw"])
 def test_fused_step(benchmark, backend, n, dtype):
+    """One row per backend, plus torch.optim.AdamW(fused=True) on a parameter of the same
+    N and dtype (the step a user runs beside this one): ``vs_fused_adamw`` in the JSON;
+    the same ratios measured interleaved are in test_vs_adamw.py."""
     args = make_inputs(n, dtype)
     kwargs = dict(beta=0.99, accumulate="ema", importance_kind="fisher", directional=True)
-    if backend == "torch.compile":
+    if backend == "adamw":
+        p = torch.nn.Parameter(torch.randn(n, device=DEVICE).to(dtype))
+        p.grad = (torch.randn(n, device=DEVICE) * 1e-2).to(dtype)
+        call = torch.optim.AdamW([p], lr=1e-3, fused=True).step
+    elif backend == "torch.compile":
         fn = torch.compile(reference.fused_step, dynamic=False)
         call = lambda: fn(*args, **kwargs)   # noqa: E731
     else:
         call = lambda: ak.ops.fused_step(*args, **kwargs, backend=backend)   # noqa: E731
     call()   # warm-up (and compile)
     dev = torch.device(DEVICE)
-    if backend not in ("torch", "torch.compile"):
+    if backend not in ("torch", "torch.compile", "adamw"):
         benchmark.extra_info["matches_reference"] = matches_reference(backend, n, dtype, kwargs)
 
     def run():
@@ -106,7 +120,8 @@ def test_fused_step(benchmark, backend, n, dtype):
 
     benchmark.group = f"fused_step {dtype} 2^{n.bit_length() - 1}"
     benchmark.pedantic(run, rounds=10 if n >= 1 << 22 else 30, warmup_rounds=1)
-    record(benchmark, n, dtype, copy_gbps(n * bytes_per_element(dtype)))
+    record(benchmark, n, dtype,
+           adamw_bytes_per_element(dtype) if backend == "adamw" else bytes_per_element(dtype))
 
 
 @pytest.mark.parametrize("n", SIZES, ids=lambda n: f"2^{n.bit_length() - 1}")

@@ -47,8 +47,8 @@ struct AlignArgs {
   const int64_t* offsets; int64_t n, groups;
   double ratio;
   bool zero_mode;           // theta = 0 instead of theta = a
-  float* thresh;            // scratch out [G]: m_g
-  void* scratch;            // threshold_scratch_bytes(...)
+  float* thresh;            // align: scratch out [G], m_g; align_apply: in [G], m_g
+  void* scratch;            // threshold_scratch_bytes(...) (align only)
 };
 
 // ---------------------------------------------------------------- CPU (ops_cpu*.cpp)
@@ -60,6 +60,7 @@ void cpu_fused_step(const StepArgs& a);                  // scratch: [threads, G
 void cpu_group_thresholds(const ThresholdArgs& a);
 void cpu_consolidate(const ConsolidateArgs& a);
 void cpu_align(const AlignArgs& a);
+void cpu_align_apply(const AlignArgs& a);             // m_g given in a.thresh
 
 // ---------------------------------------------------------------- CUDA (ops_cuda.cu)
 #ifdef AIM_WITH_CUDA
@@ -68,11 +69,14 @@ int cuda_driver_version();              // 0 when no driver is installed
 int cuda_device_count();                // 0 when none (or no driver)
 std::string cuda_probe(int device);     // "" when the kernels can run on `device`, else why
 std::string cuda_archs();               // the architectures compiled in
+int cuda_kernel_count();                 // kernels (instantiations) the probe loads
+// bytes of the select scratch; its histogram part must be zero on entry and is left zero
 size_t cuda_threshold_scratch_bytes(int64_t groups);
 void cuda_fused_step(const StepArgs& a, int device, void* stream);   // scratch: [G, 7]
 void cuda_group_thresholds(const ThresholdArgs& a, int device, void* stream);
 void cuda_consolidate(const ConsolidateArgs& a, int device, void* stream);
 void cuda_align(const AlignArgs& a, int device, void* stream);
+void cuda_align_apply(const AlignArgs& a, int device, void* stream);   // m_g in a.thresh
 #endif
 
 }  // namespace aim

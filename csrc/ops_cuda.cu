@@ -14,6 +14,11 @@
 // * No host sync and no allocation: scratch and outputs come from Python; memsets and
 //   launches go to the caller's stream, so a CUDA graph can capture a step. Every
 //   launch is checked and a failure raised.
+// * Every loop over tiles bounds the group index by G: malformed offsets (offsets[G] < n)
+//   leave the elements past offsets[G] untouched instead of reading past the table.
+// * Built with -fmad=false (CMakeLists.txt): no a*b+c is contracted into an FMA, so on
+//   fp32 the results equal the CPU backend's bit for bit.
+// * The caller's current device is restored after every call (DeviceGuard).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -21,6 +26,7 @@
 #include <string>
 
 #include "aim_math.h"
+#include "device_guard.h"
 #include "ops.h"
 #include "select.h"
 
@@ -51,8 +57,14 @@ int sm_count(int device) {
   return count;
 }
 
-// Ours is a static runtime: its current device is not the one torch set, so set it.
-void use_device(int device) { check(cudaSetDevice(device), "cudaSetDevice"); }
+struct CudaDeviceApi {
+  static int get(int* device) { return int(cudaGetDevice(device)); }
+  static int set(int device) { return int(cudaSetDevice(device)); }
+  static void fail(int e, const char* what) { check(cudaError_t(e), what); }
+};
+// Ours is a static runtime: its current device is not necessarily the tensors', so set
+// it for the call, and give torch its own back afterwards.
+using OnDevice = DeviceGuard<CudaDeviceApi>;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack { T v[N]; };
@@ -79,6 +91,14 @@ __device__ __forceinline__ int64_t group_of(const int64_t* off, int64_t groups, 
     if (off[mid + 1] > i) hi = mid; else lo = mid + 1;
   }
   return lo;
+}
+
+// The group holding element `lo` at or after group `g`, skipping empty groups; `groups`
+// when none does (malformed offsets with offsets[G] < n): the caller stops there.
+__device__ __forceinline__ int64_t next_group(const int64_t* off, int64_t groups, int64_t g,
+                                              int64_t lo) {
+  while (g < groups && off[g + 1] <= lo) ++g;
+  return g;
 }
 
 __device__ __forceinline__ double warp_sum(double v) {
@@ -127,10 +147,17 @@ __device__ __forceinline__ void step_one(T& g, const T p, const T a, const S om,
   acc.masked += o.masked ? 1u : 0u; acc.nonfinite += o.finite ? 0u : 1u;
 }
 
-// 4 resident blocks per SM: at most 64 registers, enough warps in flight to cover
-// the memory latency this bandwidth-bound kernel lives on.
+// 3 resident blocks per SM for fp32 params (at most 85 registers), 2 for 16-bit ones
+// (at most 128), whose VEC = 8 body needs 118-128 registers. ptxas -v with sm_80/sm_90:
+// at 64 registers fp32/fp32 spilled 4 bytes (CUDA 12.4) and the 16-bit kernels 24-72
+// bytes (CUDA 13.0), at 80 the 16-bit ones still spilled; tests/test_cuda_build.py keeps
+// every kernel at 0 spill bytes with every nvcc it finds. 16-24 warps per SM with 4-8
+// elements per thread keep ~50-60 KB of loads in flight per SM, over the ~15 KB that
+// HBM3 latency times bandwidth needs.
+template <typename T> constexpr int step_min_blocks() { return sizeof(T) == 4 ? 3 : 2; }
+
 template <typename T, typename S>
-__global__ void __launch_bounds__(kBlock, 4)
+__global__ void __launch_bounds__(kBlock, step_min_blocks<T>())
 fused_step_kernel(StepArgs a, StepScalars k, int64_t phase) {
   constexpr int VEC = vec_of<T>();
   constexpr int64_t kTile = int64_t(kBlock) * VEC * 4;
@@ -151,7 +178,8 @@ fused_step_kernel(StepArgs a, StepScalars k, int64_t phase) {
     const int64_t hi = min(a.n, lo + kTile);
     int64_t g = group_of(a.offsets, a.groups, lo);
     while (lo < hi) {
-      while (a.offsets[g + 1] <= lo) ++g;    // empty groups
+      g = next_group(a.offsets, a.groups, g, lo);
+      if (g >= a.groups) break;              // block-uniform: past offsets[G]
       const int64_t end = min(hi, a.offsets[g + 1]);
       if (g != cur) {                        // block-uniform: same lo, hi, g everywhere
         if (cur >= 0) block_atomic_add<7>(tot, a.scratch + cur * 7);
@@ -275,10 +303,19 @@ void consolidate_launch(const ConsolidateArgs& a, int device, cudaStream_t strea
 }
 
 // ------------------------------------------------------------------ radix select
+//
+// One pass is one flat launch over tiles, like the fused step: a block walks its tiles,
+// each cut where a group ends, so a dominant group gets every block of the grid whatever
+// G is. Each block keeps one 2048-bin uint32 histogram in shared memory for the group it
+// is in, adds it to the group's uint64 bins in global memory when the group changes (and
+// before a bin could reach 2^32), and loads 128 bits per thread and step. Lanes that hit
+// the same bin (Omega mostly 0 after the first consolidation) add once per warp.
 
 struct SelState { uint32_t prefix; uint32_t unused; int64_t remaining; };
 
-// scratch: [G, kBins] u64 histograms | [G] SelState | [G] double sums
+// scratch: [G, kBins] u64 histograms | [G] SelState | [G] double sums. The histograms are
+// zero on entry and left zero (each pass's walk clears what it read), so no call pays a
+// G x 16 KB memset: native.py keeps one zeroed scratch per device and stream.
 struct SelScratch {
   unsigned long long* hist; SelState* state; double* sums;
   SelScratch(void* p, int64_t groups)
@@ -292,48 +329,99 @@ struct SelScratch {
 };
 
 __global__ void select_init(const int64_t* off, int64_t groups, const double* ratios,
-                            double ratio, SelState* state) {
+                            double ratio, SelState* state, double* sums) {
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < groups;
        g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = off[g + 1] - off[g];
     const int64_t k = n > 0 ? select::kth_count(ratios ? ratios[g] : ratio, n) : 0;
     state[g] = SelState{0u, 0u, max(int64_t(0), min(k, n))};   // ratio in [0, 1): no clamp bites
+    sums[g] = 0.0;
   }
 }
 
-// One pass: per group (blockIdx.y), a 2048-bin shared histogram of the digit of the
-// elements that share the prefix, then its non-zero bins added to the group's.
-// Pass 0 also sums the values (in double, as the reference) when `sums` is given.
+// Counts `key` (a bin, or -1 for nothing) once per distinct key of the warp: all 32
+// lanes must call it together (the loops below are warp-uniform for that).
+__device__ __forceinline__ void count_bin(uint32_t* h, int key) {
+  const unsigned peers = __match_any_sync(0xffffffffu, key);
+  if (key >= 0 && int(threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&h[key], uint32_t(__popc(peers)));
+}
+
+constexpr int64_t kFlushEvery = int64_t(1) << 31;   // elements: a uint32 bin cannot wrap
+
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
-select_hist(const T* x, const int64_t* off, int64_t groups, int pass, const SelState* state,
-            unsigned long long* hist, double* sums) {
+select_hist(const T* x, int64_t n, const int64_t* off, int64_t groups, int pass,
+            const SelState* state, unsigned long long* hist, double* sums, int64_t phase) {
+  constexpr int VEC = vec_of<T>();
+  constexpr int64_t kTile = int64_t(kBlock) * VEC * 4;
+  using PT = Pack<T, VEC>;
   __shared__ uint32_t h[select::kBins];
-  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
-    const SelState s = state[g];
-    if (s.remaining == 0 && sums == nullptr) continue;        // block-uniform
-    for (int b = threadIdx.x; b < select::kBins; b += kBlock) h[b] = 0;
+  for (int b = threadIdx.x; b < select::kBins; b += kBlock) h[b] = 0;
+  __syncthreads();
+  int64_t cur = -1, since_flush = 0;
+  SelState s{};
+  bool counting = false;
+  double sum = 0;
+  auto flush = [&]() {                        // block-uniform
     __syncthreads();
-    double sum = 0;
-    const int64_t hi = off[g + 1];
-    for (int64_t i = off[g] + blockIdx.x * int64_t(kBlock) + threadIdx.x; i < hi;
-         i += int64_t(gridDim.x) * kBlock) {
-      const float v = load(x[i]);
-      if (sums != nullptr) sum += double(v);
-      const uint32_t bits = abs_bits(v);
-      if (s.remaining != 0 && select::in_prefix(bits, s.prefix, pass))
-        atomicAdd(&h[select::digit_of(bits, pass)], 1u);
-    }
-    __syncthreads();
-    if (s.remaining != 0)
+    if (counting)
       for (int b = threadIdx.x; b < select::kBins; b += kBlock)
-        if (h[b]) atomicAdd(hist + g * select::kBins + b, (unsigned long long)h[b]);
+        if (h[b]) { atomicAdd(hist + cur * select::kBins + b, (unsigned long long)h[b]); h[b] = 0; }
     if (sums != nullptr) {
       const double v[1] = {sum};
-      block_atomic_add<1>(v, sums + g);
+      block_atomic_add<1>(v, sums + cur);     // (synchronises the block)
+      sum = 0;
+    } else {
+      __syncthreads();
     }
-    __syncthreads();
+    since_flush = 0;
+  };
+  auto one = [&](float v, bool ok) {
+    if (sums != nullptr && ok) sum += double(v);
+    if (!counting) return;                    // block-uniform
+    const uint32_t bits = abs_bits(v);
+    count_bin(h, (ok && select::in_prefix(bits, s.prefix, pass)) ? select::digit_of(bits, pass) : -1);
+  };
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int64_t lo = tile * kTile;
+    const int64_t hi = min(n, lo + kTile);
+    int64_t g = group_of(off, groups, lo);
+    while (lo < hi) {
+      g = next_group(off, groups, g, lo);
+      if (g >= groups) break;                 // block-uniform: past offsets[G]
+      const int64_t end = min(hi, off[g + 1]);
+      if (g != cur || since_flush >= kFlushEvery) {
+        if (cur >= 0) flush();
+        cur = g;
+        s = state[g];
+        counting = s.remaining != 0;
+      }
+      since_flush += end - lo;
+      if (counting || sums != nullptr) {      // else this segment is not read at all
+        const int64_t vlo = phase >= 0 ? min(end, lo + (VEC - (lo + phase) % VEC) % VEC) : end;
+        const int64_t vhi = phase >= 0 ? vlo + (end - vlo) / VEC * VEC : end;
+        for (int64_t base = lo; base < vlo; base += kBlock) {
+          const int64_t i = base + threadIdx.x;
+          one(i < vlo ? load(x[i]) : 0.f, i < vlo);
+        }
+        for (int64_t base = vlo; base < vhi; base += int64_t(kBlock) * VEC) {
+          const int64_t v = base + int64_t(threadIdx.x) * VEC;
+          const bool ok = v < vhi;
+          PT p{};
+          if (ok) p = *reinterpret_cast<const PT*>(x + v);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) one(load(p.v[j]), ok);
+        }
+        for (int64_t base = vhi; base < end; base += kBlock) {
+          const int64_t i = base + threadIdx.x;
+          one(i < end ? load(x[i]) : 0.f, i < end);
+        }
+      }
+      lo = end;
+    }
   }
+  if (cur >= 0) flush();
 }
 
 // Fixes one digit per group from its histogram and clears the histogram: the block
@@ -348,7 +436,7 @@ select_walk(int64_t groups, int pass, SelState* state, unsigned long long* hist)
     unsigned long long* gh = hist + g * select::kBins;
     for (int b = threadIdx.x; b < select::kBins; b += kBlock) {
       h[b] = gh[b];
-      gh[b] = 0;                                               // ready for the next pass
+      gh[b] = 0;                                               // zero again for the next pass/call
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -374,23 +462,32 @@ __global__ void select_finish(const int64_t* off, int64_t groups, const SelState
 }
 
 template <typename T>
-void select_launch(const void* values, const int64_t* off, int64_t groups, const double* ratios,
-                   double ratio, bool with_sums, bool normalize, float* inv_scale, float* thresh,
-                   void* scratch, int device, cudaStream_t stream) {
+int64_t tiles_of(int64_t n) {
+  const int64_t tile = int64_t(kBlock) * vec_of<T>() * 4;
+  return (n + tile - 1) / tile;
+}
+
+template <typename T>
+void select_launch(const void* values, int64_t n, const int64_t* off, int64_t groups,
+                   const double* ratios, double ratio, bool with_sums, bool normalize,
+                   float* inv_scale, float* thresh, void* scratch, int device,
+                   cudaStream_t stream) {
+  constexpr int VEC = vec_of<T>();
   SelScratch s(scratch, groups);
-  check(cudaMemsetAsync(scratch, 0, SelScratch::bytes(groups), stream), "cudaMemsetAsync");
   const unsigned small = unsigned(std::min<int64_t>((groups + 127) / 128, 65535));
-  select_init<<<small, 128, 0, stream>>>(off, groups, ratios, ratio, s.state);
+  select_init<<<small, 128, 0, stream>>>(off, groups, ratios, ratio, s.state, s.sums);
   check(cudaGetLastError(), "select_init kernel launch");
-  const unsigned gy = unsigned(std::min<int64_t>(groups, 65535));
-  const unsigned gx = unsigned(std::max<int64_t>(1, std::min<int64_t>(
-      1024, (int64_t(sm_count(device)) * 4 + gy - 1) / gy)));
+  const int64_t phase = common_phase<VEC>({{values, sizeof(T)}});
+  const unsigned blocks = unsigned(blocks_for(tiles_of<T>(n), device));
+  const unsigned walkers = unsigned(std::min<int64_t>(groups, 65535));
   for (int pass = 0; pass < select::kPasses; ++pass) {
-    select_hist<T><<<dim3(gx, gy), kBlock, 0, stream>>>(
-        static_cast<const T*>(values), off, groups, pass, s.state, s.hist,
-        (with_sums && pass == 0) ? s.sums : nullptr);
-    check(cudaGetLastError(), "select_hist kernel launch");
-    select_walk<<<gy, kBlock, 0, stream>>>(groups, pass, s.state, s.hist);
+    if (n > 0) {
+      select_hist<T><<<blocks, kBlock, 0, stream>>>(
+          static_cast<const T*>(values), n, off, groups, pass, s.state, s.hist,
+          (with_sums && pass == 0) ? s.sums : nullptr, phase);
+      check(cudaGetLastError(), "select_hist kernel launch");
+    }
+    select_walk<<<walkers, kBlock, 0, stream>>>(groups, pass, s.state, s.hist);
     check(cudaGetLastError(), "select_walk kernel launch");
   }
   select_finish<<<small, 128, 0, stream>>>(off, groups, s.state, s.sums, normalize,
@@ -400,20 +497,61 @@ void select_launch(const void* values, const int64_t* off, int64_t groups, const
 
 // ------------------------------------------------------------------ alignment
 
+// DESIGN.md 2.3 given m_g: a flat grid over tiles cut at group ends, 128-bit loads; a
+// pack is written back only when one of its elements is reset.
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
-align_apply(T* param, const T* anchor, const int64_t* off, int64_t groups, const float* thresh,
-            bool zero_mode) {
+align_apply(T* param, const T* anchor, int64_t n, const int64_t* off, int64_t groups,
+            const float* m_g, bool zero_mode, int64_t phase) {
+  constexpr int VEC = vec_of<T>();
+  constexpr int64_t kTile = int64_t(kBlock) * VEC * 4;
+  using PT = Pack<T, VEC>;
   const T zero = store<T>(0.0f);
-  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
-    const float m = thresh[g];
-    const int64_t hi = off[g + 1];
-    for (int64_t i = off[g] + blockIdx.x * int64_t(kBlock) + threadIdx.x; i < hi;
-         i += int64_t(gridDim.x) * kBlock) {
-      const T a = anchor[i];
-      if (align_conflict(load(param[i]), load(a), m)) param[i] = zero_mode ? zero : a;
+  auto fix = [&](T& p, const T a, float m) {
+    if (!align_conflict(load(p), load(a), m)) return false;
+    p = zero_mode ? zero : a;
+    return true;
+  };
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int64_t lo = tile * kTile;
+    const int64_t hi = min(n, lo + kTile);
+    int64_t g = group_of(off, groups, lo);
+    while (lo < hi) {
+      g = next_group(off, groups, g, lo);
+      if (g >= groups) break;
+      const int64_t end = min(hi, off[g + 1]);
+      const float m = m_g[g];
+      int64_t vlo = end, vhi = end;
+      if (phase >= 0) {
+        vlo = min(end, lo + (VEC - (lo + phase) % VEC) % VEC);
+        vhi = vlo + (end - vlo) / VEC * VEC;
+      }
+      for (int64_t i = lo + threadIdx.x; i < vlo; i += kBlock) fix(param[i], anchor[i], m);
+      for (int64_t v = vlo + int64_t(threadIdx.x) * VEC; v < vhi; v += int64_t(kBlock) * VEC) {
+        PT pp = *reinterpret_cast<const PT*>(param + v);
+        const PT ap = *reinterpret_cast<const PT*>(anchor + v);
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) any |= fix(pp.v[j], ap.v[j], m);
+        if (any) *reinterpret_cast<PT*>(param + v) = pp;
+      }
+      for (int64_t i = vhi + threadIdx.x; i < end; i += kBlock) fix(param[i], anchor[i], m);
+      lo = end;
     }
   }
+}
+
+template <typename T>
+void align_apply_launch(T* param, const T* anchor, int64_t n, const int64_t* off,
+                        int64_t groups, const float* m_g, bool zero_mode, int device,
+                        cudaStream_t stream) {
+  constexpr int VEC = vec_of<T>();
+  if (n == 0 || groups == 0) return;
+  const int64_t phase = common_phase<VEC>({{param, sizeof(T)}, {anchor, sizeof(T)}});
+  align_apply<T><<<unsigned(blocks_for(tiles_of<T>(n), device)), kBlock, 0, stream>>>(
+      param, anchor, n, off, groups, m_g, zero_mode, phase);
+  check(cudaGetLastError(), "align_apply kernel launch");
 }
 
 // ------------------------------------------------------------------ dtype dispatch
@@ -426,6 +564,37 @@ void by_dtype(int code, F&& f) {
     case kF16: return f(f16_t{});
   }
   throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+}
+
+// Every kernel of this file, instantiation by instantiation: with lazy module loading
+// (CUDA_MODULE_LOADING=LAZY, the default since 12.2) a kernel's module is loaded at its
+// first launch, which inside a CUDA graph capture may fail. The probe loads them all.
+cudaError_t load_every_kernel() {
+  cudaFuncAttributes attr;
+  cudaError_t e = cudaSuccess;
+  auto get = [&](const void* f) {
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, f);
+  };
+  const int codes[] = {kF32, kBF16, kF16};
+  for (int t : codes) {
+    by_dtype(t, [&](auto tv) {
+      using T = decltype(tv);
+      for (int st : codes) {
+        by_dtype(st, [&](auto sv) {
+          using S = decltype(sv);
+          get(reinterpret_cast<const void*>(fused_step_kernel<T, S>));
+          get(reinterpret_cast<const void*>(consolidate_kernel<T, S>));
+        });
+      }
+      get(reinterpret_cast<const void*>(select_hist<T>));
+      get(reinterpret_cast<const void*>(align_apply<T>));
+    });
+  }
+  get(reinterpret_cast<const void*>(round_stats));
+  get(reinterpret_cast<const void*>(select_init));
+  get(reinterpret_cast<const void*>(select_walk));
+  get(reinterpret_cast<const void*>(select_finish));
+  return e;
 }
 
 }  // namespace
@@ -447,11 +616,17 @@ int cuda_device_count() {
   return n;
 }
 
+int cuda_kernel_count() { return 9 * 2 + 3 * 2 + 4; }   // what load_every_kernel loads
+
 std::string cuda_probe(int device) {
-  cudaError_t e = cudaSetDevice(device);
-  if (e == cudaSuccess) {
-    cudaFuncAttributes attr;
-    e = cudaFuncGetAttributes(&attr, fused_step_kernel<float, float>);
+  cudaError_t e = cudaSuccess;
+  try {
+    OnDevice on(device);
+    e = load_every_kernel();
+  } catch (const std::exception& ex) {
+    cudaGetLastError();
+    return std::string("the CUDA kernels cannot run on device ") + std::to_string(device) + ": " +
+           ex.what();
   }
   if (e == cudaSuccess) return "";
   cudaGetLastError();
@@ -466,7 +641,7 @@ std::string cuda_archs() { return AIM_CUDA_ARCH_LIST; }
 size_t cuda_threshold_scratch_bytes(int64_t groups) { return SelScratch::bytes(groups); }
 
 void cuda_fused_step(const StepArgs& a, int device, void* stream) {
-  use_device(device);
+  OnDevice on(device);
   by_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
     by_dtype(a.state_dtype, [&](auto s) {
@@ -476,16 +651,16 @@ void cuda_fused_step(const StepArgs& a, int device, void* stream) {
 }
 
 void cuda_group_thresholds(const ThresholdArgs& a, int device, void* stream) {
-  use_device(device);
+  OnDevice on(device);
   by_dtype(a.state_dtype, [&](auto t) {
-    select_launch<decltype(t)>(a.importance, a.offsets, a.groups, a.ratios, a.ratio, true,
+    select_launch<decltype(t)>(a.importance, a.n, a.offsets, a.groups, a.ratios, a.ratio, true,
                                a.normalize, a.inv_scale, a.thresh, a.scratch, device,
                                static_cast<cudaStream_t>(stream));
   });
 }
 
 void cuda_consolidate(const ConsolidateArgs& a, int device, void* stream) {
-  use_device(device);
+  OnDevice on(device);
   by_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
     by_dtype(a.state_dtype, [&](auto s) {
@@ -495,19 +670,24 @@ void cuda_consolidate(const ConsolidateArgs& a, int device, void* stream) {
 }
 
 void cuda_align(const AlignArgs& a, int device, void* stream) {
-  use_device(device);
+  OnDevice on(device);
   by_dtype(a.dtype, [&](auto t) {
     using T = decltype(t);
     const auto st = static_cast<cudaStream_t>(stream);
-    select_launch<T>(a.anchor, a.offsets, a.groups, nullptr, a.ratio, false, false, nullptr,
+    select_launch<T>(a.anchor, a.n, a.offsets, a.groups, nullptr, a.ratio, false, false, nullptr,
                      a.thresh, a.scratch, device, st);
-    const unsigned gy = unsigned(std::min<int64_t>(a.groups, 65535));
-    const unsigned gx = unsigned(std::max<int64_t>(1, std::min<int64_t>(
-        1024, (int64_t(sm_count(device)) * 4 + gy - 1) / gy)));
-    align_apply<T><<<dim3(gx, gy), kBlock, 0, st>>>(static_cast<T*>(a.param),
-                                                     static_cast<const T*>(a.anchor), a.offsets,
-                                                     a.groups, a.thresh, a.zero_mode);
-    check(cudaGetLastError(), "align_ kernel launch");
+    align_apply_launch<T>(static_cast<T*>(a.param), static_cast<const T*>(a.anchor), a.n,
+                          a.offsets, a.groups, a.thresh, a.zero_mode, device, st);
+  });
+}
+
+void cuda_align_apply(const AlignArgs& a, int device, void* stream) {
+  OnDevice on(device);
+  by_dtype(a.dtype, [&](auto t) {
+    using T = decltype(t);
+    align_apply_launch<T>(static_cast<T*>(a.param), static_cast<const T*>(a.anchor), a.n,
+                          a.offsets, a.groups, a.thresh, a.zero_mode, device,
+                          static_cast<cudaStream_t>(stream));
   });
 }
 

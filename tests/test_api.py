@@ -244,8 +244,9 @@ def test_nonfinite_grads_never_reach_fisher_or_importance_and_are_counted():
 def test_align_runs_every_align_every_steps(monkeypatch):
     model, state = attached(align_every=3, groups=toy_groups(0.0, 1.0, 0.0))
     calls = []
-    real = ak.ops.align_
-    monkeypatch.setattr(ak.ops, "align_", lambda *a, **k: calls.append(state.steps) or real(*a, **k))
+    real = ak.ops.align_apply_
+    monkeypatch.setattr(ak.ops, "align_apply_",
+                        lambda *a, **k: calls.append(state.steps) or real(*a, **k))
     train_task(model, range(7))
     assert calls == [3, 6]
 
@@ -293,7 +294,7 @@ def test_state_dict_is_plain_tensors():
     sd = state.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     assert {k.split(".")[-1] for k in sd if k.startswith("bucket0")} == {
-        "anchor", "importance", "fisher", "inv_scale", "thresh"}
+        "anchor", "importance", "fisher", "inv_scale", "thresh", "align_m"}
 
 
 def test_detach_then_attach_again():

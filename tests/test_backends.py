@@ -19,6 +19,8 @@ Comparison rules:
 """
 from __future__ import annotations
 
+import math
+
 
 import math
 
@@ -246,6 +248,29 @@ def test_align(backend, case):
     got = to(t, dev)
     assert ops.align_(got["param"], got["anchor"], got["offsets"], case.align_ratio,
                       mode=case.align_mode, backend=backend) is None
+    got = host(got)
+    assert torch.equal(got["param"], ref["param"]), "alignment is exact"
+    assert torch.equal(got["anchor"], t["anchor"]), "anchor was modified"
+
+
+@pytest.mark.parametrize("backend,case", params(C.align_cases))
+def test_align_thresholds_then_apply(backend, case):
+    """The split of align_ that a state uses: m_g once (align_thresholds, exact), then
+    align_apply_ given it -- together exactly the reference's align_."""
+    dev = require(backend)
+    t = C.make_tensors(case)
+    ref = C.clone(t)
+    reference.align_(ref["param"], ref["anchor"], ref["offsets"], case.align_ratio,
+                     mode=case.align_mode)
+    m_ref = [reference.kth_largest(t["anchor"][lo:hi].float().abs(),
+                                   reference.kth_count(case.align_ratio, hi - lo))
+             if hi > lo else math.inf
+             for lo, hi in zip(t["offsets"][:-1].tolist(), t["offsets"][1:].tolist())]
+    got = to(t, dev)
+    m_g = ops.align_thresholds(got["anchor"], got["offsets"], case.align_ratio, backend=backend)
+    assert m_g.dtype == torch.float32 and m_g.cpu().tolist() == m_ref
+    assert ops.align_apply_(got["param"], got["anchor"], got["offsets"], m_g,
+                            mode=case.align_mode, backend=backend) is None
     got = host(got)
     assert torch.equal(got["param"], ref["param"]), "alignment is exact"
     assert torch.equal(got["anchor"], t["anchor"]), "anchor was modified"

@@ -121,6 +121,35 @@ def step_inputs(sizes, dtype, state_dtype, seed, nonfinite, offsets_of, device, 
 
 ARRAYS = ("grad", "param", "anchor", "importance", "fisher")
 
+# The CPU sums each stat in fp32 partials of at most 16 terms, then in double
+# (csrc/ops_cpu.cpp): it may differ from the reference's double sum by 15 * 2^-24 of the
+# sum of |terms| of the group, plus one fp32 rounding of each result.
+STATS_ABS_RTOL = 1e-6
+
+
+def abs_term_sums(host: dict, kw: dict) -> torch.Tensor:
+    """Per group and stat, the sum of |terms| (fp32 [G, 7]): the stats of the reference
+    run with |Ω|, |c| and |λ|, which turns every penalty term into its magnitude (the
+    other four sums have non-negative terms already)."""
+    t = {k: v.clone() for k, v in host.items()}
+    t["importance"] = t["importance"].abs()
+    return reference.fused_step(*(t[k] for k in ARRAYS), t["offsets"], t["inv_scale"].abs(),
+                                t["thresh"], t["keep"], t["lam"].abs(), **kw)
+
+
+def check_cpu_stats(got: torch.Tensor, want: torch.Tensor, abs_sums: torch.Tensor):
+    """Counts exactly; each sum within STATS_ABS_RTOL of its sum of |terms| plus an fp32
+    rounding, inf and NaN where the reference has them."""
+    got, want = got.cpu(), want.cpu()
+    assert torch.equal(got[:, 5:], want[:, 5:]), f"counts {got[:, 5:]} != {want[:, 5:]}"
+    g, w, a = got[:, :5].double(), want[:, :5].double(), abs_sums[:, :5].double()
+    finite = w.isfinite()
+    assert torch.equal(g.isfinite(), finite) and torch.equal(g.isnan(), w.isnan()), (got, want)
+    assert torch.equal(g[w.isinf()], w[w.isinf()]), (got, want)
+    allowed = STATS_ABS_RTOL * a + 2.0 ** -23 * w.abs() + 1e-45
+    bad = finite & ((g - w).abs() > allowed)
+    assert not bad.any(), f"stats differ:\nbackend {got.tolist()}\nreference {want.tolist()}"
+
 
 def same_bits(got: torch.Tensor, want: torch.Tensor, name: str):
     """Equal bit patterns (so +0 and -0 differ), except that any NaN matches any NaN: a
@@ -163,8 +192,7 @@ def test_fused_step_fuzz(device, sizes, dtype, state_dtype, accumulate, kind, di
     if device == "cpu":
         same_bits(dev["grad"], ref["grad"], "grad")
         same_bits(dev["fisher"], ref["fisher"], "fisher")
-        assert torch.equal(stats[:, 5:], ref_stats[:, 5:])
-        torch.testing.assert_close(stats, ref_stats, rtol=1e-6, atol=0, equal_nan=True)
+        check_cpu_stats(stats, ref_stats, abs_term_sums(host, kw))
     else:
         r32 = upcast(host)
         r32_stats = reference.fused_step(*(r32[k] for k in ARRAYS), r32["offsets"],
@@ -183,6 +211,7 @@ def test_fused_step_large_groups_cross_tiles(device):
     sizes = [70_001, 3, 0, 131_075, 1]
     host, dev = step_inputs(sizes, F32, F32, 5, True, dict.fromkeys(ARRAYS, 1), device, (0.5, 0.1))
     kw = dict(beta=0.9, accumulate="ema", importance_kind="fisher", directional=True)
+    abs_sums = abs_term_sums(host, kw)
     ref_stats = reference.fused_step(*(host[k] for k in ARRAYS), host["offsets"],
                                      host["inv_scale"], host["thresh"], host["keep"], host["lam"],
                                      **kw)
@@ -197,6 +226,32 @@ def test_fused_step_large_groups_cross_tiles(device):
         torch.testing.assert_close(dev["fisher"].cpu(), host["fisher"], rtol=1e-5, atol=1e-6)
     assert torch.equal(stats[:, 5:], ref_stats[:, 5:])
     torch.testing.assert_close(stats, ref_stats, rtol=1e-4, atol=0)
+    if device == "cpu":
+        check_cpu_stats(stats, ref_stats, abs_sums)
+
+
+def test_cpu_stats_when_fp32_partials_overflow():
+    """Penalty terms near the fp32 maximum, of both signs (negative λ and Ω): a sum of a
+    few of them overflows fp32 while the double sum the reference takes stays finite, so
+    the CPU's fp32 partials must give way to double there (and an inf term stays inf)."""
+    n = 4096
+    big = torch.full((n,), 3.0e38)
+    host = dict(grad=torch.full((n,), 1e-3), param=torch.ones(n), anchor=torch.zeros(n),
+                importance=torch.where(torch.arange(n) % 2 == 0, big, -big),
+                fisher=torch.zeros(n))
+    host["importance"][-1] = float("inf")    # the last group: an inf term, sum inf
+    host.update(offsets=torch.tensor([0, n // 2, n]), inv_scale=torch.ones(2),
+                thresh=torch.full((2,), float("inf")), keep=torch.zeros(2),
+                lam=torch.tensor([2.0, 2.0]))
+    host["importance"][n // 2:-1] = big[n // 2:-1]   # group 1: all +, finite terms, sum inf
+    kw = dict(beta=0.9, accumulate="ema", importance_kind="fisher", directional=False)
+    ref = {k: v.clone() for k, v in host.items()}
+    want = reference.fused_step(*(ref[k] for k in ARRAYS), ref["offsets"], ref["inv_scale"],
+                                ref["thresh"], ref["keep"], ref["lam"], **kw)
+    assert want[0, 4].isfinite() and want[1, 4] == float("inf")
+    got = native.fused_step(*(host[k] for k in ARRAYS), host["offsets"], host["inv_scale"],
+                            host["thresh"], host["keep"], host["lam"], **kw)
+    check_cpu_stats(got, want, abs_term_sums(ref, kw))
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -570,22 +625,42 @@ def test_cuda_runs_on_the_current_stream_and_in_a_graph():
 
 
 @pytest.mark.parametrize("case", [c for c in C.step_cases() if c.n > 100][:24], ids=C.case_id)
-def test_cpu_isa_paths_agree_bit_for_bit(case):
-    """The AVX2 build and the baseline x86-64 build of the CPU ops give the same bits."""
-    if _C.cpu_isa() != "avx2":
-        pytest.skip("this CPU (or build) has only the baseline code path")
-    outs = {}
+def _cpu_isas() -> list[str]:
+    """The CPU code paths this machine and build have (the first is the baseline)."""
+    current, found = _C.cpu_isa(), []
     try:
-        for isa in ("default", "avx2"):
+        for isa in ("default", "avx2", "avx512"):
+            try:
+                _C.set_cpu_isa(isa)
+                found.append(isa)
+            except ValueError:
+                pass
+    finally:
+        _C.set_cpu_isa(current)
+    return found
+
+
+@pytest.mark.parametrize("case", [c for c in C.step_cases() if c.n > 100][:24], ids=C.case_id)
+def test_cpu_isa_paths_agree_bit_for_bit(case):
+    """Every instruction-set build of the CPU ops (baseline x86-64, AVX2, AVX-512) gives
+    the same bits (the stats: the same sums in lanes of another width, within rounding)."""
+    isas = _cpu_isas()
+    if len(isas) < 2:
+        pytest.skip("this CPU (or build) has only the baseline code path")
+    current, outs = _C.cpu_isa(), {}
+    try:
+        for isa in isas:
             _C.set_cpu_isa(isa)
             t = C.make_tensors(case)
             args, kw = C.step_args(case, t)
             outs[isa] = (native.fused_step(*args, **kw), t["grad"], t["fisher"],
                          native.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"]))
     finally:
-        _C.set_cpu_isa("avx2")
-    (s0, g0, f0, th0), (s1, g1, f1, th1) = outs["default"], outs["avx2"]
-    same_bits(g1, g0, "grad")
-    same_bits(f1, f0, "fisher")
-    assert torch.equal(th0[1], th1[1])
-    torch.testing.assert_close(s1, s0, rtol=1e-6, atol=0)
+        _C.set_cpu_isa(current)
+    s0, g0, f0, th0 = outs["default"]
+    for isa in isas[1:]:
+        s1, g1, f1, th1 = outs[isa]
+        same_bits(g1, g0, f"grad ({isa})")
+        same_bits(f1, f0, f"fisher ({isa})")
+        assert torch.equal(th0[0], th1[0]) and torch.equal(th0[1], th1[1]), isa
+        torch.testing.assert_close(s1, s0, rtol=2e-6, atol=0)

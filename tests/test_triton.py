@@ -421,7 +421,8 @@ def test_triton_kernels_compile_for_gpu(arch, dtype, state_dtype):
     p, s = PTR[dtype], PTR[state_dtype]
     step_sig = dict(grad_ptr=p, param_ptr=p, anchor_ptr=p, imp_ptr=s, fisher_ptr=s,
                     offsets_ptr="*i64", inv_scale_ptr="*fp32", thresh_ptr="*fp32",
-                    keep_ptr="*fp32", lam_ptr="*fp32", ws_ptr="*fp64", N="i64", G="i32",
+                    keep_ptr="*fp32", lam_ptr="*fp32", ws_ptr="*fp64", part_ptr="*fp64",
+                    pgid_ptr="*i32", N="i64", G="i32",
                     beta="fp32", one_minus_beta="fp32", tune_bucket="i32")
     # every config on one target (their register use is the point), the first elsewhere
     every = (arch, dtype, state_dtype) == (90, BF16, F32)
@@ -433,6 +434,9 @@ def test_triton_kernels_compile_for_gpu(arch, dtype, state_dtype):
     jobs.append(("step", K._fused_step_kernel, step_sig,
                  dict(EMA=False, FISHER=False, DIRECTIONAL=False, STEPS=1, BLOCK=1024, TILES=1),
                  8))
+    jobs.append(("reduce", K._stats_reduce_kernel,
+                 dict(part_ptr="*fp64", pgid_ptr="*i32", ws_ptr="*fp64", P="i64", G="i32"),
+                 dict(R=K.REDUCE_ROWS), 4))
     for i, cfg in enumerate(K._ELEMENTWISE_CONFIGS if every else K._ELEMENTWISE_CONFIGS[:1]):
         for merge in ((0, 1, 2) if i == 0 else (1,)):
             jobs.append(("consolidate", K._consolidate_kernel,
@@ -526,3 +530,107 @@ def test_triton_large_multiblock_against_reference(dtype):
     check_stats(stats, ref_stats, ref32_stats, dtype)
     t_got = thresholds_against_reference(t, device="cuda")
     assert math.isinf(float(t_got[2]))
+
+
+# --------------------------------------------------------------------------- malformed offsets
+
+@interpreter
+def test_triton_malformed_offsets_stay_in_bounds():
+    """offsets[G] < n (checked by value on the host for CPU tensors only, so a GPU tensor
+    can reach the kernels with it): the elements past offsets[G] are left untouched, and
+    nothing past the per-group tables is read or written (row G of the stats workspace,
+    a poisoned m_g and inv_scale at index G)."""
+    tk = kernels()
+    gen = torch.Generator().manual_seed(5)
+    n, G, cover = 300, 2, 200
+    offsets = torch.tensor([0, 90, cover])
+    grad, param, anchor = (torch.randn(n, generator=gen) for _ in range(3))
+    importance, fisher = torch.rand(n, generator=gen), torch.rand(n, generator=gen)
+    table = lambda v: torch.tensor([v, v, float("nan")])[:G]   # noqa: E731 (poison at G)
+    inv_scale, thresh, keep, lam = table(1.0), table(0.5), table(0.0), table(2.0)
+    guard = 12345.0
+    ws = torch.full(((G + 2) * 7,), guard, dtype=torch.float64)
+    ws[:G * 7] = 0
+    g0, f0 = grad.clone(), fisher.clone()
+    tk._step_into(ws[:G * 7].view(G, 7), grad, param, anchor, importance, fisher, offsets,
+                  inv_scale, thresh, keep, lam, beta=0.9, ema=True, fisher_kind=True,
+                  directional=True)
+    assert torch.equal(ws[G * 7:], torch.full(((2) * 7,), guard, dtype=torch.float64)), \
+        "stats written past row G-1"
+    assert torch.equal(grad[cover:], g0[cover:]) and torch.equal(fisher[cover:], f0[cover:])
+    ref_g, ref_f = g0[:cover].clone(), f0[:cover].clone()
+    ref_stats = reference.fused_step(ref_g, param[:cover], anchor[:cover], importance[:cover],
+                                     ref_f, offsets, inv_scale, thresh, keep, lam, beta=0.9)
+    torch.testing.assert_close(grad[:cover], ref_g)
+    torch.testing.assert_close(ws[:G * 7].view(G, 7).float(), ref_stats, rtol=1e-5, atol=1e-5)
+
+    # select: the large values past offsets[G] must not count
+    big = importance.clone()
+    big[cover:] = 100.0
+    ratio = torch.tensor([0.3, 0.5], dtype=torch.float64)
+    c, t = tk.group_thresholds(big, offsets, ratio)
+    c_ref, t_ref = reference.group_thresholds(big[:cover], offsets, ratio)
+    assert torch.equal(t, t_ref)
+    torch.testing.assert_close(c, c_ref)
+
+    # align: m_g poisoned to 0 at index G would reset every element past offsets[G]
+    p = param.clone()
+    a = torch.where(p > 0, -1.0, 1.0)             # every element conflicts in sign
+    m_full = torch.tensor([0.5, 0.5, 0.0])
+    tk.align_apply_(p, a, offsets, m_full[:G])
+    assert torch.equal(p[cover:], param[cover:]), "an element past offsets[G] was reset"
+    assert torch.equal(p[:cover], a[:cover])
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+@interpreter
+def test_triton_ops_are_registered_custom_ops():
+    t = kernels()
+    x = torch.rand(40)
+    off = torch.tensor([0, 15, 40])
+    per = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.3]), torch.zeros(2), torch.ones(2)]
+    tri = torch.ops.aim_kernels_triton
+    torch.library.opcheck(tri.fused_step.default,
+                          (torch.randn(40), torch.randn(40), torch.randn(40), x.clone(),
+                           x.clone(), off, *per, 0.9, "ema", "fisher", True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(tri.group_thresholds.default,
+                          (x, off, torch.tensor([0.5, 0.2], dtype=torch.float64), True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(tri.align_apply_.default,
+                          (torch.randn(40), torch.randn(40), off, torch.tensor([0.5, 0.1]),
+                           "zero"), test_utils=("test_schema", "test_faketensor"))
+    assert t.fused_step.__module__ == t.__name__
+
+
+def _triton_train_step(w, grad, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                       lam, m_g):
+    stats = ak.ops.fused_step(grad, w, anchor, importance, fisher, offsets, inv_scale, thresh,
+                              keep, lam, beta=0.9, backend="triton")
+    w.sub_(0.1 * grad)
+    ak.ops.align_apply_(w, anchor, offsets, m_g, backend="triton")
+    return stats.sum(0), (w * w).sum()
+
+
+@interpreter
+def test_triton_step_compiles_with_fullgraph():
+    """torch.compile(fullgraph=True) of a step whose ops run on the Triton backend: the
+    custom ops stay one node each (no graph break), results as in eager mode."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(4)
+    n = 96
+    off = torch.tensor([0, 30, n])
+    args = [torch.randn(n, generator=gen) for _ in range(3)] + \
+        [torch.rand(n, generator=gen) for _ in range(2)]
+    per = [torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.3]), torch.zeros(2), torch.ones(2),
+           torch.tensor([0.8, 1.5])]
+    w, grad, anchor, imp, fisher = args
+    eager = [a.clone() for a in args]
+    want = _triton_train_step(eager[0], eager[1], eager[2], eager[3], eager[4], off, *per)
+    step = torch.compile(_triton_train_step, fullgraph=True, backend="aot_eager")
+    got = step(w, grad, anchor, imp, fisher, off, *per)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
+    assert torch.equal(w, eager[0]) and torch.equal(grad, eager[1])
+    assert torch.equal(fisher, eager[4])

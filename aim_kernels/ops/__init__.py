@@ -12,7 +12,8 @@ from . import validate as _v
 from .backends import BackendUnavailable, available_backends, resolve, unavailable_reason
 from .reference import STAT_NAMES
 
-__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "available_backends",
+__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "align_apply_",
+           "align_thresholds", "available_backends",
            "unavailable_reason", "BackendUnavailable", "STAT_NAMES"]
 
 
@@ -91,3 +92,32 @@ def align_(param, anchor, offsets, align_ratio, *, mode="anchor", backend="auto"
     _v.choice(op, "mode", mode, ("anchor", "zero"))
     impl = resolve(backend, param.device, op)
     impl.align_(param, anchor, offsets, align_ratio, mode=mode)
+
+
+def align_thresholds(anchor, offsets, align_ratio, *, backend="auto") -> torch.Tensor:
+    """Per group ``m_g``, the k-th largest ``|a|`` with ``k = floor(align_ratio * n_g)``
+    (``+inf`` for k = 0), fp32 ``[G]`` (DESIGN.md 2.3): what ``align_`` ranks by, as a
+    value a state keeps between consolidations. The same exact select as ``group_thresholds``
+    (which ranks ``|x|`` too)."""
+    op = "align_thresholds"
+    _v.vector(op, "anchor", anchor, numel=None, device=None)
+    groups = _v.offsets(op, offsets, anchor.numel(), anchor.device, like="anchor")
+    align_ratio = _v.real(op, "align_ratio", align_ratio, 0.0, 1.0)
+    ratio = torch.full((groups,), align_ratio, dtype=torch.float64, device=anchor.device)
+    impl = resolve(backend, anchor.device, op)     # (align_ratio may be 1, a mask_ratio not)
+    return impl.group_thresholds(anchor, offsets, ratio, normalize=False)[1]
+
+
+def align_apply_(param, anchor, offsets, m_g, *, mode="anchor", backend="auto") -> None:
+    """DESIGN.md 2.3 given ``m_g`` (fp32 ``[G]``, e.g. from ``align_thresholds``), in place
+    on ``param``: no select, one elementwise pass. ``align_`` = ``align_thresholds`` +
+    ``align_apply_``."""
+    op = "align_apply_"
+    _v.vector(op, "param", param, numel=None, device=None)
+    _v.vector(op, "anchor", anchor, numel=param.numel(), device=param.device, like="param")
+    _v.same_dtype(op, ("param", "anchor"), (param, anchor))
+    groups = _v.offsets(op, offsets, param.numel(), param.device, like="param")
+    _v.per_group(op, "m_g", m_g, groups, param.device)
+    _v.choice(op, "mode", mode, ("anchor", "zero"))
+    impl = resolve(backend, param.device, op)
+    impl.align_apply_(param, anchor, offsets, m_g, mode=mode)

@@ -76,8 +76,16 @@ def _runs_on(name: str, device: torch.device) -> bool:
     if name == "cpu":
         return device.type == "cpu"
     if name == "cuda":
-        return device.type == "cuda"
+        # a GPU this build has no code for (another architecture) is not the cuda backend's
+        return device.type == "cuda" and (device.index is None or not _probe("cuda")[0] or
+                                          not _device_problem(device.index))
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
+
+
+def _device_problem(index: int) -> str:
+    """Why the compiled CUDA code cannot run on GPU ``index`` ("" when it can)."""
+    from . import native
+    return native.device_problem(index)
 
 
 def resolve(backend: str, device: torch.device, op: str) -> ModuleType:
@@ -87,15 +95,15 @@ def resolve(backend: str, device: torch.device, op: str) -> ModuleType:
     (probing imports modules, which dynamo does not trace): the graph then holds the
     chosen backend's op (``torch.ops.aim_kernels.*`` for the compiled module).
     """
-    return _CHOSEN[_choose_name(backend, device.type, op)]
+    return _CHOSEN[_choose_name(backend, str(device), op)]
 
 
 _CHOSEN: dict[str, ModuleType] = {}
 
 
 @torch.compiler.assume_constant_result
-def _choose_name(backend: str, device_type: str, op: str) -> str:
-    name, module = _choose(backend, torch.device(device_type), op)
+def _choose_name(backend: str, device: str, op: str) -> str:
+    name, module = _choose(backend, torch.device(device), op)
     _CHOSEN[name] = module
     return name
 

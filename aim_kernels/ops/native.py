@@ -28,7 +28,7 @@ except ImportError as exc:          # not built: pure-Python install
     _IMPORT_ERROR = str(exc)
 
 __all__ = ["unavailable_reason", "backend", "built_info", "fused_step", "group_thresholds",
-           "consolidate_", "align_"]
+           "consolidate_", "align_", "align_apply_", "device_problem"]
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLOATS = tuple(DTYPE_CODES)
@@ -83,11 +83,25 @@ def unavailable_reason(name: str) -> str:
         return "aim_kernels._C was built without CUDA (no nvcc was found when it was built)"
     if not torch.cuda.is_available():
         return "no CUDA device is visible to PyTorch"
-    why = cuda_driver_problem(torch.cuda.current_device())
+    why = device_problem(torch.cuda.current_device())
     if why:
         warnings.warn(f"aim_kernels: the native CUDA backend is unavailable ({why}); "
                       "falling back to Triton or torch", RuntimeWarning, stacklevel=2)
     return why
+
+
+_DEVICE_PROBLEMS: dict[tuple[int, int], str] = {}
+
+
+def device_problem(index: int) -> str:
+    """Empty when this build's CUDA code runs on GPU ``index``, else why not (probed once
+    per device and module: a second GPU of an architecture missing from the fatbin is
+    refused by the dispatcher, which then falls back, instead of failing at its first
+    launch)."""
+    key = (id(_C), int(index))
+    if key not in _DEVICE_PROBLEMS:
+        _DEVICE_PROBLEMS[key] = cuda_driver_problem(index)
+    return _DEVICE_PROBLEMS[key]
 
 
 def backend(name: str):
@@ -97,7 +111,7 @@ def backend(name: str):
     if name not in ("cpu", "cuda"):
         raise ValueError(f"the native module has no backend {name!r}")
     return SimpleNamespace(name=name, fused_step=fused_step, group_thresholds=group_thresholds,
-                           consolidate_=consolidate_, align_=align_)
+                           consolidate_=consolidate_, align_=align_, align_apply_=align_apply_)
 
 
 # --------------------------------------------------------------------------- checks
@@ -132,6 +146,10 @@ def _addr(t: Tensor) -> int:
 
 def _stream(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
+    why = device_problem(index)
+    if why:
+        from .backends import BackendUnavailable
+        raise BackendUnavailable(f"backend 'cuda' cannot run on {device}: {why}")
     return index, torch.cuda.current_stream(index).cuda_stream
 
 
@@ -175,10 +193,36 @@ def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale
     return stats
 
 
+# The CUDA select's scratch must hold zero histograms on entry and is left so by every
+# call (each pass clears the bins it read), so one zeroed buffer per (device, stream, G)
+# is kept, not a G x 16 KB memset per call. Per stream: two streams never share one. Per
+# G: the per-group state that follows the histograms sits at an offset that depends on G,
+# inside the histograms of a larger G, so buffers are never shared across G.
+_CUDA_SCRATCH: dict[tuple[int, int, int], Tensor] = {}
+
+
 def _threshold_scratch(device, groups):
-    nbytes = (_C.cpu_threshold_scratch_bytes(groups) if device.type == "cpu"
-              else _C.cuda_threshold_scratch_bytes(groups))
-    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if device.type == "cpu":
+        return torch.empty(_C.cpu_threshold_scratch_bytes(groups), dtype=torch.uint8,
+                           device=device)
+    nbytes = _C.cuda_threshold_scratch_bytes(groups)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch.cuda.current_stream(index).cuda_stream, groups)
+    buf = _CUDA_SCRATCH.get(key)
+    if buf is None:
+        buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        _CUDA_SCRATCH[key] = buf
+    return buf
+
+
+def _cuda_select(key_device, groups, launch):
+    """Runs a select launch; a failed one may leave bins set, so its scratch is dropped."""
+    try:
+        launch()
+    except Exception:
+        index = key_device.index if key_device.index is not None else torch.cuda.current_device()
+        _CUDA_SCRATCH.pop((index, torch.cuda.current_stream(index).cuda_stream, groups), None)
+        raise
 
 
 def _group_thresholds_impl(importance, offsets, mask_ratio, normalize):
@@ -201,7 +245,7 @@ def _group_thresholds_impl(importance, offsets, mask_ratio, normalize):
     if device.type == "cpu":
         _C.cpu_group_thresholds(*args)
     else:
-        _C.cuda_group_thresholds(*args, *_stream(device))
+        _cuda_select(device, groups, lambda: _C.cuda_group_thresholds(*args, *_stream(device)))
     return inv_scale, thresh
 
 
@@ -243,7 +287,26 @@ def _align_impl(param, anchor, offsets, align_ratio, mode):
     if device.type == "cpu":
         _C.cpu_align(*args)
     else:
-        _C.cuda_align(*args, *_stream(device))
+        _cuda_select(device, groups, lambda: _C.cuda_align(*args, *_stream(device)))
+
+
+def _align_apply_impl(param, anchor, offsets, m_g, mode):
+    op, device = "align_apply_", param.device
+    _check(op, "param", param, device=device, dtypes=FLOATS)
+    _check(op, "anchor", anchor, device=device, dtypes=(param.dtype,), numel=param.numel())
+    _check(op, "offsets", offsets, device=device, dtypes=(torch.int64,))
+    groups = offsets.numel() - 1
+    _check(op, "m_g", m_g, device=device, dtypes=(torch.float32,), numel=max(groups, 0))
+    if mode not in ("anchor", "zero"):
+        raise ValueError(f"{op}: argument `mode` must be 'anchor' or 'zero', got {mode!r}")
+    if groups <= 0 or param.numel() == 0:
+        return
+    args = (_addr(param), _addr(anchor), DTYPE_CODES[param.dtype], offsets.data_ptr(),
+            param.numel(), groups, m_g.data_ptr(), mode == "zero")
+    if device.type == "cpu":
+        _C.cpu_align_apply(*args)
+    else:
+        _C.cuda_align_apply(*args, *_stream(device))
 
 
 # --------------------------------------------------------------------------- torch.library
@@ -301,6 +364,17 @@ def _(param, anchor, offsets, align_ratio, align_mode):
     return None
 
 
+@torch.library.custom_op("aim_kernels::align_apply_", mutates_args=("param",))
+def _align_apply_op(param: Tensor, anchor: Tensor, offsets: Tensor, m_g: Tensor,
+                    align_mode: str) -> None:
+    _align_apply_impl(param, anchor, offsets, m_g, align_mode)
+
+
+@_align_apply_op.register_fake
+def _(param, anchor, offsets, m_g, align_mode):
+    return None
+
+
 # --------------------------------------------------------------------------- public (backend)
 
 def _tensors(op: str, **named) -> None:
@@ -337,3 +411,9 @@ def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merg
 def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
     _tensors("align_", param=param, anchor=anchor, offsets=offsets)
     torch.ops.aim_kernels.align_(param, anchor, offsets, float(align_ratio), mode)
+
+
+def align_apply_(param, anchor, offsets, m_g, *, mode="anchor") -> None:
+    """DESIGN.md 2.3 given ``m_g`` (fp32 ``[G]``): the resets only, no select."""
+    _tensors("align_apply_", param=param, anchor=anchor, offsets=offsets, m_g=m_g)
+    torch.ops.aim_kernels.align_apply_(param, anchor, offsets, m_g, mode)

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "kth_largest", "group_index",
-           "FP32_MAX", "inv_scale_of"]
+__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "align_apply_",
+           "kth_largest", "group_index", "FP32_MAX", "inv_scale_of"]
 
 STAT_NAMES = ("grad_sq", "out_sq", "reg_sq", "drift_sq", "penalty", "masked", "nonfinite")
 
@@ -115,8 +115,7 @@ def kth_count(ratio: float, n: int) -> int:
     return int(math.floor(float(ratio) * n))
 
 
-def kth_largest(values: torch.Tensor, k: int, chunk: int = SELECT_CHUNK,
-                hist_reduce=None) -> float:
+def kth_largest(values, k: int, chunk: int = SELECT_CHUNK, hist_reduce=None) -> float:
     """The exact k-th largest of a 1-D tensor of non-negative floats, ties included.
 
     ``+inf`` when ``k == 0``. A radix select over the fp32 bit pattern, which for
@@ -130,23 +129,28 @@ def kth_largest(values: torch.Tensor, k: int, chunk: int = SELECT_CHUNK,
     a sorted copy with indices (``torch.sort``) needs 12 GB and ``torch.topk`` with
     k = n/2 needs 6 GB.
 
+    ``values`` may also be a list of tensors, the pieces of one group (on any devices,
+    of any float dtypes): the histograms of the pieces add up, so nothing is gathered.
     ``hist_reduce``, when given, combines each pass's histogram over the shards of a
     group held by other processes (an all-reduce sum), so ``values`` is this
     process's shard and ``k`` counts over the whole group.
     """
     if k <= 0:
         return math.inf
-    n = values.numel()
+    pieces = list(values) if isinstance(values, (list, tuple)) else [values]
+    n = sum(p.numel() for p in pieces)
     if k > n and hist_reduce is None:
         raise ValueError(f"k={k} exceeds the {n} elements")
+    home = pieces[0].device if pieces else torch.device("cpu")
     prefix, remaining = 0, k
     for shift in (24, 16, 8, 0):
-        hist = torch.zeros(256, dtype=torch.int64, device=values.device)
-        for lo in range(0, n, chunk):
-            bits = values[lo:lo + chunk].float().view(torch.int32) & 0x7FFFFFFF
-            if shift < 24:   # keep only elements whose higher digits equal the prefix
-                bits = bits[(bits >> (shift + 8)) == (prefix >> (shift + 8))]
-            hist += torch.bincount((bits >> shift) & 0xFF, minlength=256)
+        hist = torch.zeros(256, dtype=torch.int64, device=home)
+        for piece in pieces:
+            for lo in range(0, piece.numel(), chunk):
+                bits = piece[lo:lo + chunk].float().view(torch.int32) & 0x7FFFFFFF
+                if shift < 24:   # keep only elements whose higher digits equal the prefix
+                    bits = bits[(bits >> (shift + 8)) == (prefix >> (shift + 8))]
+                hist += torch.bincount((bits >> shift) & 0xFF, minlength=256).to(home)
         if hist_reduce is not None:
             hist = hist_reduce(hist)
         counts = hist.tolist()
@@ -206,6 +210,13 @@ def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
             continue
         m = kth_largest(anchor[lo:hi].float().abs(), kth_count(align_ratio, hi - lo))
         align_group_(param[lo:hi], anchor[lo:hi], m, mode)
+
+
+def align_apply_(param, anchor, offsets, m_g, *, mode="anchor") -> None:
+    """DESIGN.md 2.3 given every group's ``m_g`` (fp32 ``[G]``, kept in the state)."""
+    for (lo, hi), m in zip(_group_bounds(offsets), m_g.tolist()):
+        if lo != hi:
+            align_group_(param[lo:hi], anchor[lo:hi], m, mode)
 
 
 def align_group_(theta: torch.Tensor, anchor: torch.Tensor, m: float, mode: str) -> None:

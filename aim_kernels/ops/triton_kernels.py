@@ -6,13 +6,16 @@ Organisation (every kernel covers all groups in one launch, whatever G):
   elements. Each element finds its group by a binary search over ``offsets`` (``STEPS =
   bit_length(G)`` gathers of the small, cached offsets table). When the whole chunk lies
   in one group (the common case) the per-group scalars are loaded once and the 7 stats
-  are accumulated in registers over the tiles, then added with 7 atomics; a chunk that
-  spans groups reduces each tile once per group present in it (a loop over the distinct
-  groups of the tile, not over G) and adds one atomic per (tile, group, stat). No
-  per-element atomics. Stats are accumulated in an fp64 ``[G, 7]`` workspace (counts stay
+  are accumulated in registers over the tiles, then stored to the program's own row of a
+  partials buffer (no atomics), and ``_stats_reduce_kernel`` adds blocks of 256 rows with
+  one vector atomic per group present (so a dominant group's programs never queue on one
+  56-byte row); a chunk that spans groups reduces each tile once per group present in it
+  (a loop over the distinct groups of the tile, not over G) and adds one atomic per
+  (tile, group, stat). Stats are accumulated in an fp64 ``[G, 7]`` workspace (counts stay
   exact past 2^24 and sums are rounded once, like the reference's fp64 sums) and
-  returned as fp32 -- the workspace memset and the final cast are the only other
-  device operations; nothing waits on the host.
+  returned as fp32; nothing waits on the host. Elements past ``offsets[G]`` (malformed
+  offsets on a GPU tensor, which the host checks by value only on the CPU) are left
+  untouched by every kernel.
 * ``group_thresholds`` and the magnitude threshold of ``align_`` -- an exact radix
   select over the fp32 bit pattern (sign bit dropped, as in ``reference.kth_largest``):
   four passes of 8 bits. Each pass is one launch of ``_hist_kernel`` (per program, one
@@ -24,7 +27,10 @@ Organisation (every kernel covers all groups in one launch, whatever G):
   groups' values in fp64 for ``inv_scale``. No sort, no copy of the data; extra memory
   is ``4 * G * 256`` int64 counters. ``k = floor(rho * n)`` is taken in fp64 on the device.
 * ``consolidate_`` -- ``_consolidate_kernel``, elementwise; ``align_`` -- the select on
-  ``|anchor|`` then ``_align_kernel``, elementwise, writing only the reset elements.
+  ``|anchor|`` then ``_align_kernel``, elementwise, writing only the reset elements;
+  ``align_apply_`` -- that kernel alone, given m_g (a block in one group loads it once).
+* The ops are ``torch.library`` custom ops (``aim_kernels_triton::*``, fake impls), so
+  ``torch.compile(fullgraph=True)`` keeps each as one node.
 
 All math is fp32 on fp32/bf16/fp16 storage (loads upcast, stores round once); element
 indices are int64. Every program whose chunk lies wholly below N runs without masks, so
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from typing import Optional
 
 import torch
 import triton
@@ -47,7 +54,7 @@ import triton.language as tl
 
 from . import backends as _backends
 
-__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_"]
+__all__ = ["fused_step", "group_thresholds", "consolidate_", "align_", "align_apply_"]
 
 NUM_STATS = 7
 RADIX_BITS = tl.constexpr(8)
@@ -72,6 +79,7 @@ TUNE_MIN_N = 1 << 20
 # 7B-element step in place would clone the whole gradient and Fisher buffers).
 TUNE_CAP_LOG2 = 24
 PICK_WARPS = 4
+REDUCE_ROWS = 256                # partial rows per program of the step's stats reduction
 PICK_GROUPS = 8                  # groups per program of the pick kernel ([8, 256] tiles)
 HIST_WINDOW = 2                  # groups per histogram of the radix pass (2 x 256 bins)
 # tl.histogram(..., mask=) exists from Triton 3.4 on; before, excluded lanes are subtracted
@@ -181,11 +189,12 @@ def _add_stats(ws_ptr, g, sel, v0, v1, v2, v3, v4, v5, v6):
 
 @triton.jit
 def _step_chunk_one_group(start, N, g, grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr,
-                          inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, beta,
+                          inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, part_ptr, pgid_ptr, beta,
                           one_minus_beta, EMA: tl.constexpr, FISHER: tl.constexpr,
                           DIRECTIONAL: tl.constexpr, MASKED: tl.constexpr,
                           BLOCK: tl.constexpr, TILES: tl.constexpr):
-    """A chunk inside group ``g``: its scalars once, stats in registers, 7 atomics."""
+    """A chunk inside group ``g``: its scalars once, stats in registers, then its 7 sums
+    stored to its own row of the partials (no atomics; ``_stats_reduce_kernel`` adds them)."""
     c = tl.load(inv_scale_ptr + g)
     t = tl.load(thresh_ptr + g)
     kappa = tl.load(keep_ptr + g)
@@ -210,7 +219,14 @@ def _step_chunk_one_group(start, N, g, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
         a4 += v4
         a5 += v5
         a6 += v6
-    _add_stats(ws_ptr, g, lanes >= 0, a0, a1, a2, a3, a4, a5, a6)
+    cols = tl.arange(0, 8)
+    row = tl.where(cols == 0, tl.sum(a0), 0.0) + tl.where(cols == 1, tl.sum(a1), 0.0) + \
+        tl.where(cols == 2, tl.sum(a2), 0.0) + tl.where(cols == 3, tl.sum(a3), 0.0) + \
+        tl.where(cols == 4, tl.sum(a4), 0.0) + tl.where(cols == 5, tl.sum(a5), 0.0) + \
+        tl.where(cols == 6, tl.sum(a6), 0.0)
+    pid = tl.program_id(0).to(tl.int64)
+    tl.store(part_ptr + pid * 8 + cols, row.to(tl.float64))
+    tl.store(pgid_ptr + pid, (g + 1).to(tl.int32))          # 0 (the reset value): no row
 
 
 @triton.jit
@@ -223,8 +239,8 @@ def _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
     lanes = tl.arange(0, BLOCK)
     for tile in range(TILES):
         idx = start + tile * BLOCK + lanes
-        m = idx < N
-        gid = tl.where(m, _group_of(idx, offsets_ptr, G, STEPS), G)
+        gid = tl.where(idx < N, _group_of(idx, offsets_ptr, G, STEPS), G)
+        m = gid < G              # (also False past offsets[G], for malformed offsets)
         c = tl.load(inv_scale_ptr + gid, mask=m, other=0.0)
         t = tl.load(thresh_ptr + gid, mask=m, other=0.0)
         kappa = tl.load(keep_ptr + gid, mask=m, other=0.0)
@@ -240,28 +256,35 @@ def _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
 
 @triton.jit
 def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, offsets_ptr,
-                       inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, N, G,
+                       inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr, ws_ptr, part_ptr, pgid_ptr,
+                       N, G,
                        beta, one_minus_beta, tune_bucket,
                        EMA: tl.constexpr, FISHER: tl.constexpr, DIRECTIONAL: tl.constexpr,
                        STEPS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+    # Malformed offsets (offsets[G] < N; checked by value on the host for CPU tensors only)
+    # put the elements past offsets[G] in "group G": a chunk wholly there does nothing, one
+    # that reaches there takes the masked mixed path, which leaves them untouched. (N is
+    # not clamped to offsets[G] instead: a loaded N would hold registers a kernel argument
+    # does not, and one config spilled.)
     start = tl.program_id(0).to(tl.int64) * (BLOCK * TILES)
     full = start + BLOCK * TILES <= N
     last = tl.minimum(start + BLOCK * TILES, N) - 1
     g_first = _group_of(start, offsets_ptr, G, STEPS)
     g_last = _group_of(last, offsets_ptr, G, STEPS)
     if g_first == g_last:
-        if full:
-            _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                                  fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
-                                  False, BLOCK, TILES)
-        else:
-            _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr, imp_ptr,
-                                  fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
-                                  ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL,
-                                  True, BLOCK, TILES)
+        if g_first < G:
+            if full:
+                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr,
+                                      imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr,
+                                      lam_ptr, part_ptr, pgid_ptr, beta, one_minus_beta, EMA, FISHER,
+                                      DIRECTIONAL, False, BLOCK, TILES)
+            else:
+                _step_chunk_one_group(start, N, g_first, grad_ptr, param_ptr, anchor_ptr,
+                                      imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr,
+                                      lam_ptr, part_ptr, pgid_ptr, beta, one_minus_beta, EMA, FISHER,
+                                      DIRECTIONAL, True, BLOCK, TILES)
     else:
-        if full:
+        if full and g_last < G:
             _step_chunk_mixed(start, N, G, offsets_ptr, grad_ptr, param_ptr, anchor_ptr,
                               imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
                               ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, False,
@@ -271,6 +294,24 @@ def _fused_step_kernel(grad_ptr, param_ptr, anchor_ptr, imp_ptr, fisher_ptr, off
                               imp_ptr, fisher_ptr, inv_scale_ptr, thresh_ptr, keep_ptr, lam_ptr,
                               ws_ptr, beta, one_minus_beta, EMA, FISHER, DIRECTIONAL, True,
                               STEPS, BLOCK, TILES)
+
+
+@triton.jit
+def _stats_reduce_kernel(part_ptr, pgid_ptr, ws_ptr, P, G, R: tl.constexpr):
+    """Adds the partial rows of the one-group chunks into the fp64 [G, 7] stats. Programs
+    run in element order, so the rows of one group are contiguous: a block of R rows adds
+    once per group present in it -- 7 atomics per R programs, where one atomic row per
+    program had every program of a dominant group hit the same 56 bytes."""
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    gid = tl.load(pgid_ptr + rows, mask=rows < P, other=0) - 1       # -1: no row there
+    cols = tl.arange(0, 8)
+    vals = tl.load(part_ptr + rows[:, None] * 8 + cols[None, :],
+                   mask=(gid >= 0)[:, None] & (cols < 7)[None, :], other=0.0)
+    g = tl.min(tl.where(gid >= 0, gid, G))
+    while g < G:
+        total = tl.sum(tl.where((gid == g)[:, None], vals, 0.0), 0)
+        tl.atomic_add(ws_ptr + g * 7 + cols, total, mask=cols < 7, sem="relaxed")
+        g = tl.min(tl.where(gid > g, gid, G))
 
 
 # --------------------------------------------------------------------------- radix select
@@ -288,59 +329,63 @@ def _hist_kernel(x_ptr, offsets_ptr, ratio_ptr, hist_ptr, prefix_ptr, rem_ptr, s
     counters per (program, window) -- a block inside one group is one window."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     g_first = _group_of(start, offsets_ptr, G, STEPS)
-    g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
-    # a block inside one group that has nothing to select (k = 0, or done) reads nothing:
-    # with mask_ratio 0 (most presets) three of the four passes cost no data traffic
-    if FIRST:
-        n_first = tl.load(offsets_ptr + g_first + 1) - tl.load(offsets_ptr + g_first)
-        k_first = tl.floor(tl.load(ratio_ptr + g_first).to(tl.float64) * n_first.to(tl.float64))
-        live = (g_first != g_last) | (k_first >= 1.0)
-        if SUM:
-            live = g_first >= 0
-    else:
-        live = (g_first != g_last) | (tl.load(rem_ptr + g_first) > 0)
-    if live:
-        idx = start + tl.arange(0, BLOCK)
-        m = idx < N
-        if start + BLOCK <= N:
-            x = tl.load(x_ptr + idx).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        digit = (bits >> SHIFT) & (BINS - 1)
-        if g_first == g_last:
-            gid = idx * 0 + g_first
-        else:
-            gid = _group_of(idx, offsets_ptr, G, STEPS)
-        gid = tl.where(m, gid, 0)
-        if FIRST:        # groups with k = floor(ratio * n) >= 1
-            n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
-            k = tl.floor(tl.load(ratio_ptr + gid).to(tl.float64) * n.to(tl.float64))
-            keep = m & (k >= 1.0)
-        else:            # groups still selecting, elements matching their prefix
-            rem = tl.load(rem_ptr + gid)
-            prefix = tl.load(prefix_ptr + gid).to(tl.int32)
-            keep = m & (rem > 0) & ((bits >> (SHIFT + RADIX_BITS))
-                                    == (prefix >> (SHIFT + RADIX_BITS)))
-        slots = tl.arange(0, GW * BINS)
-        cols = tl.arange(0, GW)
-        for w in range(g_first, g_last + 1, GW):
-            local = gid - w
-            inwin = (local >= 0) & (local < GW)
-            key = tl.where(inwin, local, 0).to(tl.int32) * BINS + digit
-            if HIST_MASK:
-                h = tl.histogram(key, GW * BINS, mask=keep & inwin)
-            else:        # (older Triton: excluded lanes counted in slot 0, then subtracted)
-                sel = keep & inwin
-                h = tl.histogram(tl.where(sel, key, 0), GW * BINS)
-                h = h - tl.where(slots == 0, BLOCK - tl.sum(sel.to(tl.int32)), 0)
-            tl.atomic_add(hist_ptr + w * BINS + slots, h.to(tl.int64), mask=h > 0,
-                          sem="relaxed")
+    # malformed offsets (offsets[G] < N): a block wholly past offsets[G] reads nothing, and
+    # in a block that reaches there those elements ("group G") are left out like lanes past N
+    if g_first < G:
+        g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
+        # a block inside one group that has nothing to select (k = 0, or done) reads nothing:
+        # with mask_ratio 0 (most presets) three of the four passes cost no data traffic
+        if FIRST:
+            n_first = tl.load(offsets_ptr + g_first + 1) - tl.load(offsets_ptr + g_first)
+            k_first = tl.floor(tl.load(ratio_ptr + g_first).to(tl.float64) * n_first.to(tl.float64))
+            live = (g_first != g_last) | (k_first >= 1.0)
             if SUM:
-                part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
-                                x.to(tl.float64)[:, None], 0.0)
-                tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0), mask=w + cols <= g_last,
+                live = g_first >= 0
+        else:
+            live = (g_first != g_last) | (tl.load(rem_ptr + g_first) > 0)
+        if live:
+            idx = start + tl.arange(0, BLOCK)
+            m = idx < N
+            if start + BLOCK <= N:
+                x = tl.load(x_ptr + idx).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            digit = (bits >> SHIFT) & (BINS - 1)
+            if g_first == g_last:
+                gid = idx * 0 + g_first
+            else:
+                gid = _group_of(idx, offsets_ptr, G, STEPS)
+            m = m & (gid < G)
+            gid = tl.where(m, gid, 0)
+            if FIRST:        # groups with k = floor(ratio * n) >= 1
+                n = tl.load(offsets_ptr + gid + 1) - tl.load(offsets_ptr + gid)
+                k = tl.floor(tl.load(ratio_ptr + gid).to(tl.float64) * n.to(tl.float64))
+                keep = m & (k >= 1.0)
+            else:            # groups still selecting, elements matching their prefix
+                rem = tl.load(rem_ptr + gid)
+                prefix = tl.load(prefix_ptr + gid).to(tl.int32)
+                keep = m & (rem > 0) & ((bits >> (SHIFT + RADIX_BITS))
+                                        == (prefix >> (SHIFT + RADIX_BITS)))
+            slots = tl.arange(0, GW * BINS)
+            cols = tl.arange(0, GW)
+            for w in range(g_first, g_last + 1, GW):
+                local = gid - w
+                inwin = (local >= 0) & (local < GW)
+                key = tl.where(inwin, local, 0).to(tl.int32) * BINS + digit
+                if HIST_MASK:
+                    h = tl.histogram(key, GW * BINS, mask=keep & inwin)
+                else:        # (older Triton: excluded lanes counted in slot 0, then subtracted)
+                    sel = keep & inwin
+                    h = tl.histogram(tl.where(sel, key, 0), GW * BINS)
+                    h = h - tl.where(slots == 0, BLOCK - tl.sum(sel.to(tl.int32)), 0)
+                tl.atomic_add(hist_ptr + w * BINS + slots, h.to(tl.int64), mask=h > 0,
                               sem="relaxed")
+                if SUM:
+                    part = tl.where((m & inwin)[:, None] & (local[:, None] == cols[None, :]),
+                                    x.to(tl.float64)[:, None], 0.0)
+                    tl.atomic_add(sum_ptr + w + cols, tl.sum(part, 0),
+                                  mask=(w + cols <= g_last) & (w + cols < G), sem="relaxed")
 
 
 @triton.jit
@@ -450,15 +495,12 @@ def _consolidate_kernel(param_ptr, anchor_ptr, imp_ptr, fisher_ptr, N, fisher_sc
 
 
 @triton.jit
-def _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, m, G, ZERO: tl.constexpr,
-                MASKED: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    gid = _group_of(idx, offsets_ptr, G, STEPS)
+def _align_tile(param_ptr, anchor_ptr, idx, m, bound, ZERO: tl.constexpr,
+                MASKED: tl.constexpr, BLOCK: tl.constexpr):
     if MASKED:
-        bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
         t_raw = tl.load(param_ptr + idx, mask=m, other=0.0)
         a_raw = tl.load(anchor_ptr + idx, mask=m, other=0.0)
     else:
-        bound = tl.load(mag_ptr + gid)
         t_raw = tl.load(param_ptr + idx)
         a_raw = tl.load(anchor_ptr + idx)
     a = a_raw.to(tl.float32)
@@ -477,15 +519,27 @@ def _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, m, G, ZERO: tl
 @triton.jit
 def _align_kernel(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, N, G, tune_bucket,
                   ZERO: tl.constexpr, STEPS: tl.constexpr, BLOCK: tl.constexpr):
-    """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``)."""
+    """DESIGN.md 2.3, elementwise, given the per-group k-th largest |a| (``mag_ptr``).
+    A block inside one group (the common case) loads its m_g once; only a block across
+    a group end searches the group of each element."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    idx = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= N:
-        _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, idx < N, G, ZERO, False,
-                    STEPS, BLOCK)
-    else:
-        _align_tile(param_ptr, anchor_ptr, offsets_ptr, mag_ptr, idx, idx < N, G, ZERO, True,
-                    STEPS, BLOCK)
+    g_first = _group_of(start, offsets_ptr, G, STEPS)
+    # malformed offsets (offsets[G] < N): the elements past offsets[G] ("group G") are
+    # left untouched, like lanes past N
+    if g_first < G:
+        idx = start + tl.arange(0, BLOCK)
+        m = idx < N
+        g_last = _group_of(tl.minimum(start + BLOCK, N) - 1, offsets_ptr, G, STEPS)
+        if g_first == g_last:
+            bound = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(mag_ptr + g_first)
+        else:
+            gid = _group_of(idx, offsets_ptr, G, STEPS)
+            m = m & (gid < G)
+            bound = tl.load(mag_ptr + gid, mask=m, other=float("inf"))
+        if start + BLOCK <= N:
+            _align_tile(param_ptr, anchor_ptr, idx, m, bound, ZERO, False, BLOCK)
+        else:
+            _align_tile(param_ptr, anchor_ptr, idx, m, bound, ZERO, True, BLOCK)
 
 
 # --------------------------------------------------------------------------- launching
@@ -556,8 +610,9 @@ class _Roles:
 _KERNELS = {
     # name: (plain jit function, autotuned wrapper, key of INTERPRET_META, argument roles)
     "step": (_fused_step_kernel,
-             _tuned(_STEP_CONFIGS, restore=("grad_ptr", "fisher_ptr"), reset=("ws_ptr",))(
-                 _fused_step_kernel), "step", _Roles((0, 1, 2, 3, 4), (0, 4), (10,), 11)),
+             _tuned(_STEP_CONFIGS, restore=("grad_ptr", "fisher_ptr"),
+                    reset=("ws_ptr", "pgid_ptr"))(_fused_step_kernel),
+             "step", _Roles((0, 1, 2, 3, 4), (0, 4), (10, 12), 13)),
     "hist": (_hist_kernel,
              _tuned(_HIST_CONFIGS, reset=("hist_ptr", "sum_ptr"))(_hist_kernel), "hist",
              _Roles((0,), (), (3, 6), 7)),
@@ -644,19 +699,47 @@ def _on_device(t: torch.Tensor):
 
 # --------------------------------------------------------------------------- the ops
 
-def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
-               *, beta, accumulate="ema", importance_kind="fisher", directional=True):
-    """DESIGN.md 2.1 in one launch; returns the fp32 ``[G, 7]`` stats (on the device)."""
-    n, num_groups = grad.numel(), offsets.numel() - 1
+def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                     lam, *, beta, accumulate="ema", importance_kind="fisher", directional=True):
+    """DESIGN.md 2.1 in one launch (and a small reduction); returns the fp32 ``[G, 7]``
+    stats (on the device)."""
+    num_groups = offsets.numel() - 1
     with _on_device(grad):
         ws = torch.zeros((num_groups, NUM_STATS), dtype=torch.float64, device=grad.device)
-        if n:
-            beta = float(beta)
-            _launch("step", n, (grad, param, anchor, importance, fisher, offsets, inv_scale,
-                                thresh, keep, lam, ws, n, num_groups, beta, 1.0 - beta),
-                    EMA=accumulate == "ema", FISHER=importance_kind == "fisher",
-                    DIRECTIONAL=bool(directional), STEPS=_steps(num_groups))
+        _step_into(ws, grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                   lam, beta=beta, ema=accumulate == "ema", fisher_kind=importance_kind == "fisher",
+                   directional=bool(directional))
         return ws.to(torch.float32)
+
+
+def _step_into(ws, grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+               *, beta, ema, fisher_kind, directional) -> None:
+    """The step's launches, adding its stats into the zeroed fp64 ``ws`` ``[G, 7]``."""
+    n, num_groups = grad.numel(), offsets.numel() - 1
+    if not n:
+        return
+    beta = float(beta)
+    # one partial row per program of the smallest chunk any config takes
+    rows = triton.cdiv(n, _min_step_chunk())
+    part = torch.empty((rows, 8), dtype=torch.float64, device=grad.device)
+    pgid = torch.zeros(rows, dtype=torch.int32, device=grad.device)
+    _launch("step", n, (grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                        lam, ws, part, pgid, n, num_groups, beta, 1.0 - beta),
+            EMA=ema, FISHER=fisher_kind, DIRECTIONAL=directional, STEPS=_steps(num_groups))
+    grid = (triton.cdiv(rows, REDUCE_ROWS),)
+    if autotuned():
+        _stats_reduce_kernel[grid](part, pgid, ws, rows, num_groups, R=REDUCE_ROWS, num_warps=4)
+    else:
+        with _quiet():
+            _stats_reduce_kernel[grid](part, pgid, ws, rows, num_groups, R=REDUCE_ROWS)
+
+
+def _min_step_chunk() -> int:
+    """Elements per program of the step's smallest chunk (the most programs a launch has)."""
+    if not autotuned():
+        meta = INTERPRET_META["step"]
+        return meta["BLOCK"] * meta["TILES"]
+    return min(c.kwargs["BLOCK"] * c.kwargs["TILES"] for c in _STEP_CONFIGS)
 
 
 def _select(values, offsets, ratio, *, with_sum: bool, normalize: bool = True):
@@ -692,13 +775,13 @@ def _select(values, offsets, ratio, *, with_sum: bool, normalize: bool = True):
     return (inv_scale if with_sum else None), thresh
 
 
-def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
+def _group_thresholds_impl(importance, offsets, mask_ratio, *, normalize=True):
     """DESIGN.md 2: ``(inv_scale, thresh)``, fp32 ``[G]``, by a 4-pass radix select."""
     with _on_device(importance):
         return _select(importance, offsets, mask_ratio, with_sum=True, normalize=normalize)
 
 
-def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
+def _consolidate_impl(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
                  alpha=1.0) -> None:
     """DESIGN.md 2.2, elementwise part, in one launch."""
     n = param.numel()
@@ -710,7 +793,7 @@ def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merg
                 MERGE={None: 0, "fisher": 1, "linear": 2}[merge])
 
 
-def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
+def _align_impl(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
     """DESIGN.md 2.3: select on |anchor| (4 passes), then one elementwise launch."""
     n, num_groups = param.numel(), offsets.numel() - 1
     if not n:
@@ -723,3 +806,120 @@ def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
         _launch("align", n, (param, anchor, offsets, bound, n, num_groups),
                 ZERO=mode == "zero", STEPS=_steps(num_groups))
 
+
+def _align_apply_impl(param, anchor, offsets, m_g, *, mode="anchor") -> None:
+    """DESIGN.md 2.3 given ``m_g`` (fp32 ``[G]``): one elementwise launch, no select."""
+    n, num_groups = param.numel(), offsets.numel() - 1
+    if not n or num_groups <= 0:
+        return
+    with _on_device(param):
+        _launch("align", n, (param, anchor, offsets, m_g, n, num_groups),
+                ZERO=mode == "zero", STEPS=_steps(num_groups))
+
+
+
+# --------------------------------------------------------------------------- torch.library
+#
+# The ops are registered as ``aim_kernels_triton::*`` custom ops with their in-place
+# arguments and fake implementations, as native.py does for ``_C``: torch.compile then
+# keeps each op as one opaque node instead of tracing the launcher (its autotuning state,
+# the prefix clones, Triton's launch keywords), so a step with backend="triton" compiles
+# with fullgraph=True.
+
+@torch.library.custom_op("aim_kernels_triton::fused_step", mutates_args=("grad", "fisher"))
+def _fused_step_op(grad: torch.Tensor, param: torch.Tensor, anchor: torch.Tensor,
+                   importance: torch.Tensor, fisher: torch.Tensor, offsets: torch.Tensor,
+                   inv_scale: torch.Tensor, thresh: torch.Tensor, keep: torch.Tensor,
+                   lam: torch.Tensor, beta: float, accumulate: str, importance_kind: str,
+                   directional: bool) -> torch.Tensor:
+    return _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
+                            keep, lam, beta=beta, accumulate=accumulate,
+                            importance_kind=importance_kind, directional=directional)
+
+
+@_fused_step_op.register_fake
+def _(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam, beta,
+      accumulate, importance_kind, directional):
+    return grad.new_empty((offsets.shape[0] - 1, NUM_STATS), dtype=torch.float32)
+
+
+@torch.library.custom_op("aim_kernels_triton::group_thresholds", mutates_args=())
+def _group_thresholds_op(importance: torch.Tensor, offsets: torch.Tensor,
+                         mask_ratio: torch.Tensor,
+                         normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _group_thresholds_impl(importance, offsets, mask_ratio, normalize=normalize)
+
+
+@_group_thresholds_op.register_fake
+def _(importance, offsets, mask_ratio, normalize):
+    g = offsets.shape[0] - 1
+    return (importance.new_empty((g,), dtype=torch.float32),
+            importance.new_empty((g,), dtype=torch.float32))
+
+
+@torch.library.custom_op("aim_kernels_triton::consolidate_",
+                         mutates_args=("param", "anchor", "importance", "fisher"))
+def _consolidate_op(param: torch.Tensor, anchor: torch.Tensor, importance: torch.Tensor,
+                    fisher: torch.Tensor, fisher_scale: float, decay: float,
+                    merge: Optional[str], alpha: float) -> None:
+    _consolidate_impl(param, anchor, importance, fisher, fisher_scale=fisher_scale,
+                       decay=decay, merge=merge, alpha=alpha)
+
+
+@_consolidate_op.register_fake
+def _(param, anchor, importance, fisher, fisher_scale, decay, merge, alpha):
+    return None
+
+
+@torch.library.custom_op("aim_kernels_triton::align_", mutates_args=("param",))
+def _align_op(param: torch.Tensor, anchor: torch.Tensor, offsets: torch.Tensor,
+              align_ratio: float, align_mode: str) -> None:
+    _align_impl(param, anchor, offsets, align_ratio, mode=align_mode)
+
+
+@_align_op.register_fake
+def _(param, anchor, offsets, align_ratio, align_mode):
+    return None
+
+
+@torch.library.custom_op("aim_kernels_triton::align_apply_", mutates_args=("param",))
+def _align_apply_op(param: torch.Tensor, anchor: torch.Tensor, offsets: torch.Tensor,
+                    m_g: torch.Tensor, align_mode: str) -> None:
+    _align_apply_impl(param, anchor, offsets, m_g, mode=align_mode)
+
+
+@_align_apply_op.register_fake
+def _(param, anchor, offsets, m_g, align_mode):
+    return None
+
+
+def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+               *, beta, accumulate="ema", importance_kind="fisher", directional=True):
+    """DESIGN.md 2.1 in one launch; returns the fp32 ``[G, 7]`` stats (on the device)."""
+    return torch.ops.aim_kernels_triton.fused_step(
+        grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep, lam,
+        float(beta), accumulate, importance_kind, bool(directional))
+
+
+def group_thresholds(importance, offsets, mask_ratio, *, normalize=True):
+    """DESIGN.md 2: ``(inv_scale, thresh)``, fp32 ``[G]``, by a 4-pass radix select."""
+    return torch.ops.aim_kernels_triton.group_thresholds(importance, offsets, mask_ratio,
+                                                         bool(normalize))
+
+
+def consolidate_(param, anchor, importance, fisher, *, fisher_scale, decay, merge=None,
+                 alpha=1.0) -> None:
+    """DESIGN.md 2.2, elementwise part, in one launch."""
+    torch.ops.aim_kernels_triton.consolidate_(param, anchor, importance, fisher,
+                                              float(fisher_scale), float(decay), merge,
+                                              float(alpha))
+
+
+def align_(param, anchor, offsets, align_ratio, *, mode="anchor") -> None:
+    """DESIGN.md 2.3: select on |anchor| (4 passes), then one elementwise launch."""
+    torch.ops.aim_kernels_triton.align_(param, anchor, offsets, float(align_ratio), mode)
+
+
+def align_apply_(param, anchor, offsets, m_g, *, mode="anchor") -> None:
+    """DESIGN.md 2.3 given ``m_g`` (fp32 ``[G]``): one elementwise launch, no select."""
+    torch.ops.aim_kernels_triton.align_apply_(param, anchor, offsets, m_g, mode)
