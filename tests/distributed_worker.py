@@ -117,7 +117,75 @@ def _fsdp(rank: int, world: int, out: str) -> None:
     result["reloaded"] = {k: v for k, v in per_param_state(fresh, reloaded).items()
                           if not k.startswith("param:")}
     result["reloaded_steps"] = (reloaded.steps, reloaded.steps_since_consolidation)
+    result["trainer"] = _trainer_save(model, state, rank, out)
     torch.save(result, os.path.join(out, f"fsdp-rank{rank}.pt"))
+
+
+def _half_then_fail_on(rank: int):
+    """A DCP writer that, on ``rank`` only, writes its files, truncates them to half and
+    reports a full disk: what an in-place save leaves when one process dies halfway."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    real = FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        done = real(self, plan, planner)
+        if torch.distributed.get_rank() != rank:
+            return done
+        done.wait()
+        for name in os.listdir(self.path):
+            if name.startswith(f"__{rank}_") and name.endswith(".distcp"):
+                full = os.path.join(self.path, name)
+                with open(full, "r+b") as f:
+                    f.truncate(os.path.getsize(full) // 2)
+        raise OSError(28, "No space left on device")
+    return FileSystemWriter, real, write_data
+
+
+def _trainer_save(model, state, rank: int, out: str) -> dict:
+    """The Trainer's FSDP2 path (AIMCallback.on_save / resume): a second save whose
+    rank-1 writer fails halfway leaves the first checkpoint loading bit for bit."""
+    from types import SimpleNamespace
+
+    from aim_kernels.integrations.trainer import STATE_DIR, AIMCallback
+    args = SimpleNamespace(output_dir=os.path.join(out, "trainer"), should_save=rank == 0)
+    step = SimpleNamespace(global_step=TASKS * STEPS)
+    folder = os.path.join(args.output_dir, f"checkpoint-{step.global_step}")
+    os.makedirs(folder, exist_ok=True)           # the Trainer made it before on_save
+    callback = AIMCallback(config())
+    callback.state = state
+    callback.on_save(args, step, None)
+    good = {k: v for k, v in per_param_state(model, state).items() if not k.startswith("param:")}
+
+    x, y = batch(TASKS, 0, rank, torch.distributed.get_world_size())
+    nn.functional.cross_entropy(model(x), y).backward()
+    ak.masked_step(model)
+    ak.consolidate(model)                        # every buffer changed
+    writer, real, failing = _half_then_fail_on(rank=1)
+    writer.write_data = failing
+    try:
+        callback.on_save(args, step, None)
+        error = ""
+    except BaseException as exc:                 # DCP's CheckpointException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        writer.write_data = real
+
+    fresh = _sharded(ToyVLM(seed=1))
+    resumed = AIMCallback(config())
+    resumed.state = ak.attach(fresh, config())
+    try:
+        resumed._load(args, step)
+        reloaded = {k: v for k, v in per_param_state(fresh, resumed.state).items()
+                    if not k.startswith("param:")}
+        load_error = ""
+    except BaseException as exc:                 # old in-place saves: a truncated shard
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        reloaded, load_error = {}, f"{type(exc).__name__}: {exc}"
+    return {"good": good, "save_error": error, "reloaded": reloaded, "load_error": load_error,
+            "is_link": os.path.islink(os.path.join(folder, STATE_DIR))}
 
 
 def _sharded(model):

@@ -91,6 +91,19 @@ def test_dcp_checkpoint_round_trip(runs):
         assert r["reloaded_steps"] == (W.TASKS * W.STEPS, 0)
 
 
+def test_trainer_fsdp2_checkpoint_survives_a_save_failing_halfway(runs):
+    """AIMCallback.on_save's FSDP2 path saves atomically (issue 14 item 6): a save whose
+    rank-1 writer fails halfway raises on every rank and leaves the previous checkpoint,
+    which a resumed callback loads bit for bit."""
+    for r in runs["fsdp"]:
+        t = r["trainer"]
+        assert "No space left on device" in t["save_error"], t["save_error"]
+        assert t["load_error"] == "" and t["is_link"]
+        assert t["reloaded"].keys() == t["good"].keys()
+        for key in t["good"]:
+            assert torch.equal(t["reloaded"][key], t["good"][key]), key
+
+
 def test_dcp_refuses_another_config_before_touching_anything(runs):
     for r in runs["fsdp"]:
         assert "another model or AIMConfig" in r["wrong_config_error"]

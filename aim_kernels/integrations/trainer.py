@@ -14,7 +14,8 @@ user's ``max_grad_norm`` (DESIGN.md 3). The Trainer's logged ``grad_norm`` is th
 the raw gradient's norm, before the regulariser. Under DeepSpeed the engine clips.
 
 Checkpoints. ``on_save`` writes the AIM state into the Trainer's checkpoint folder
-(``aim_state.safetensors``, atomically; a DCP folder ``aim_state`` for FSDP2), and
+(``aim_state.safetensors``, atomically; for FSDP2 a DCP checkpoint ``aim_state``, a
+symlink swapped atomically to a complete new folder, see ``atomic_folder``), and
 a resumed run (``train(resume_from_checkpoint=...)``) loads it back at
 ``on_train_begin``, so a resume continues exactly where the checkpoint was.
 """
