@@ -100,14 +100,22 @@ def track(state) -> None:
     _GENERATION += 1
     if _HANDLE is None:
         _HANDLE = register_optimizer_step_post_hook(_after_step)
+    # A state dropped without detach (its model garbage-collected) must not leave the
+    # global hook behind either.
+    weakref.finalize(state, _remove_hook_if_unused)
 
 
 def untrack(state) -> None:
     """Stop holding ``state``; the hook itself goes when no state is left."""
-    global _HANDLE, _GENERATION
+    global _GENERATION
     _TRACKED.discard(state)
     _GENERATION += 1
-    if not _TRACKED and _HANDLE is not None:
+    _remove_hook_if_unused()
+
+
+def _remove_hook_if_unused() -> None:
+    global _HANDLE
+    if _HANDLE is not None and not list(_TRACKED):
         _HANDLE.remove()
         _HANDLE = None
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import holds, ops, prepared, sharding
+from . import holds, ops, prepared, sharding, zero
 from .binding import Binding, unwrap
 from .config import AIMConfig
 from .groups import assign, resolve_groups
@@ -30,20 +30,28 @@ def attach(model: torch.nn.Module, config: AIMConfig | None = None) -> AIMState:
     if any(m in _STATES for m in chain):
         raise RuntimeError("attach: this model already has an AIMState; call "
                            "ak.detach(model) first (one state per model)")
-    model = chain[-1]       # the state belongs to the wrapped model, whatever wraps it
+    engine, model = model, chain[-1]   # the state belongs to the wrapped model, whatever wraps it
     cfg = config if config is not None else AIMConfig()
     if not isinstance(cfg, AIMConfig):
         raise TypeError(f"attach: `config` must be an AIMConfig, got {type(cfg).__name__}")
     cfg.validate()
-    groups = resolve_groups(model, cfg)
-    members = assign(model, groups, user_groups=cfg.groups is not None)
-    if not any(members.values()):
-        raise ValueError("attach: the model has no trainable parameter to manage")
-    state = AIMState(groups, members, cfg)
+    if zero.is_engine(engine):   # DeepSpeed: the adapter knows where grads and weights live
+        state = zero.attach(engine, cfg, lambda module: _groups(module, cfg))
+        _STATES[model] = state
+        return state
+    state = AIMState(*_groups(model, cfg), cfg)
     state._binding = Binding(model, state)
     _STATES[model] = state
     holds.track(state)
     return state
+
+
+def _groups(model: torch.nn.Module, cfg: AIMConfig):
+    groups = resolve_groups(model, cfg)
+    members = assign(model, groups, user_groups=cfg.groups is not None)
+    if not any(members.values()):
+        raise ValueError("attach: the model has no trainable parameter to manage")
+    return groups, members
 
 
 def state_of(model: torch.nn.Module, op: str = "state_of") -> AIMState:
@@ -72,6 +80,8 @@ def detach(model: torch.nn.Module) -> AIMState:
     for m in unwrap(model):
         _STATES.pop(m, None)
     holds.untrack(state)
+    if isinstance(state, zero.ZeroState):
+        state.remove_hooks()
     return state
 
 
@@ -81,7 +91,11 @@ class StepStats:
     ``skipped`` is True when the step was skipped (``masked_step(..., skip=...)``): the
     stats are then all zero. For a sharded (FSDP2) model the stats are of this
     process's shard; :meth:`as_dict` all-reduces them, so every process must call it.
+    ``accumulating`` is True for a DeepSpeed micro-step inside the gradient accumulation
+    window (the call did nothing; it acts at the boundary).
     """
+
+    accumulating = False
 
     def __init__(self, tensor: torch.Tensor, group_names: list[str], *, skipped: bool = False,
                  collectives=None):
@@ -209,6 +223,8 @@ def masked_step(model: torch.nn.Module, grads=None, *, skip=False) -> StepStats:
     Returns lazy :class:`StepStats`.
     """
     state = state_of(model, "masked_step")
+    if isinstance(state, zero.ZeroState):    # DeepSpeed: gradients live in the ZeRO partitions
+        return state.masked_step(grads, skip)
     eager = prepared.eligible(state)
     if eager and grads is None and state._binding is not None:
         state._binding.check("masked_step")

@@ -4,7 +4,7 @@ Imported lazily by name, so ``import aim_kernels`` never imports transformers.
 """
 from __future__ import annotations
 
-__all__ = ["AIMCallback", "found_inf", "save_distributed", "load_distributed"]
+__all__ = ["AIMCallback", "found_inf", "save_distributed", "load_distributed", "deepspeed"]
 
 
 def __getattr__(name: str):

@@ -46,20 +46,31 @@ class AIMCallback(TrainerCallback):
         self.state = None
         self._max_norm = 0.0
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise RuntimeError("AIMCallback: the Trainer passed no model to on_train_begin")
         model = unwrap(model)[-1]
-        try:
-            self.state = _step.state_of(model)
-        except RuntimeError:
-            self.state = _step.attach(model, self.config)
+        if args.deepspeed:      # DeepSpeed: a new engine per train(); see zero.trainer_attach
+            from ..zero import trainer_attach
+            self.state = trainer_attach(model, optimizer, self.config, args)
+        else:
+            try:
+                self.state = _step.state_of(model)
+            except RuntimeError:
+                self.state = _step.attach(model, self.config)
         if state.global_step > 0:          # the Trainer resumed from a checkpoint
             self._load(args, state)
         if args.max_grad_norm and args.max_grad_norm > 0 and not getattr(args, "deepspeed", None):
             self._max_norm, args.max_grad_norm = args.max_grad_norm, 0.0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if args.deepspeed:      # masked_step ran inside DeepSpeed's optimizer step
+            self.last_stats = self.state.last_stats
+            if self.log_every and self.last_stats is not None and \
+                    state.global_step % self.log_every == 0:
+                state.log_history.append({"step": state.global_step,
+                                          "aim": self.last_stats.as_dict()})
+            return
         scaled = _unscale(optimizer)
         # with a GradScaler the step is skipped iff a gradient is non-finite after unscaling
         self.last_stats = _step.masked_step(model, skip="nonfinite" if scaled else False)
@@ -82,7 +93,12 @@ class AIMCallback(TrainerCallback):
         if not os.path.isdir(folder):
             raise RuntimeError(f"AIMCallback.on_save: no checkpoint folder {folder!r} to add the "
                                "AIM state to")
-        if self.state.collectives is not None:          # FSDP2: every process writes its shard
+        if getattr(self.state, "engine_kind", None) == "deepspeed":   # each rank its partition
+            from .. import zero
+            zero.save_atomic(self.state, zero.state_file(args.output_dir,
+                                                         f"checkpoint-{state.global_step}",
+                                                         self.state.rank))
+        elif self.state.collectives is not None:          # FSDP2: every process writes its shard
             from .distributed import save
             save(self.state, os.path.join(folder, STATE_DIR))
         elif args.should_save:
@@ -91,11 +107,16 @@ class AIMCallback(TrainerCallback):
     def _load(self, args, state) -> None:
         folder = self.resume_from or os.path.join(args.output_dir,
                                                   f"checkpoint-{state.global_step}")
-        if self.state.collectives is not None:
+        if self.state.collectives is not None and \
+                getattr(self.state, "engine_kind", None) != "deepspeed":
             from .distributed import load
             load(self.state, os.path.join(folder, STATE_DIR))
             return
         path = os.path.join(folder, STATE_FILE)
+        if getattr(self.state, "engine_kind", None) == "deepspeed":
+            from .. import zero
+            path = zero.state_file(os.path.dirname(folder), os.path.basename(folder),
+                                   self.state.rank)
         if not os.path.isfile(path):
             raise RuntimeError(
                 f"AIMCallback: the Trainer resumes at step {state.global_step} but there is no "
