@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from . import holds, ops, sharding, zero
+from . import holds, ops, prepared, sharding, zero
 from .binding import Binding, unwrap
 from .config import AIMConfig
 from .groups import assign, resolve_groups
@@ -225,8 +225,14 @@ def masked_step(model: torch.nn.Module, grads=None, *, skip=False) -> StepStats:
     state = state_of(model, "masked_step")
     if isinstance(state, zero.ZeroState):    # DeepSpeed: gradients live in the ZeRO partitions
         return state.masked_step(grads, skip)
-    _check_model(state, "masked_step")
-    plan = _plan(state, grads)
+    eager = prepared.eligible(state)
+    if eager and grads is None and state._binding is not None:
+        state._binding.check("masked_step")
+    if eager and grads is None and prepared.views_intact(state):
+        plan = [(b, ()) for b in state.buckets]     # the checks' cached verdict: no copies
+    else:
+        _check_model(state, "masked_step")
+        plan = _plan(state, grads)
     skipping = _should_skip(skip)
     if skipping:
         return _skipped(state)
@@ -244,8 +250,9 @@ def masked_step(model: torch.nn.Module, grads=None, *, skip=False) -> StepStats:
     state.pull_params()
     cfg = state.config
     total = None
-    for b, todo in plan:
-        stats = ops.fused_step(
+    for i, (b, todo) in enumerate(plan):
+        run = prepared.launch(state, i, b) if eager else None
+        stats = run() if run is not None else ops.fused_step(
             b.grad, b.param, b.anchor, b.importance, b.fisher, b.offsets, b.inv_scale,
             b.thresh, b.keep, b.lam, beta=cfg.beta, accumulate=cfg.accumulate,
             importance_kind=cfg.importance, directional=cfg.directional, backend=cfg.backend)

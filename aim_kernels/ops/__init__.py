@@ -22,6 +22,17 @@ def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thre
                directional=True, backend="auto") -> torch.Tensor:
     """DESIGN.md 2.1, in place on ``grad`` and ``fisher``; returns fp32 stats ``[G, 7]``
     (columns: ``STAT_NAMES``)."""
+    impl, beta = check_fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale,
+                                  thresh, keep, lam, beta=beta, accumulate=accumulate,
+                                  importance_kind=importance_kind, backend=backend)
+    return impl.fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale,
+                           thresh, keep, lam, beta=beta, accumulate=accumulate,
+                           importance_kind=importance_kind, directional=bool(directional))
+
+
+def check_fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
+                     keep, lam, *, beta, accumulate, importance_kind, backend):
+    """The checks of :func:`fused_step`, nothing touched: ``(backend module, beta)``."""
     op = "fused_step"
     _v.vector(op, "grad", grad, numel=None, device=None)
     n, device = grad.numel(), grad.device
@@ -36,10 +47,7 @@ def fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale, thre
     beta = _v.real(op, "beta", beta, 0.0, 1.0)
     _v.choice(op, "accumulate", accumulate, ("ema", "sum"))
     _v.choice(op, "importance_kind", importance_kind, ("fisher", "abs"))
-    impl = resolve(backend, device, op)
-    return impl.fused_step(grad, param, anchor, importance, fisher, offsets, inv_scale,
-                           thresh, keep, lam, beta=beta, accumulate=accumulate,
-                           importance_kind=importance_kind, directional=bool(directional))
+    return resolve(backend, device, op), beta
 
 
 def group_thresholds(importance, offsets, mask_ratio, *, normalize=True, backend="auto"):

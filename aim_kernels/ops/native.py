@@ -160,8 +160,9 @@ def _vectors(op, names, tensors, device, numel, dtypes=FLOATS):
 
 # --------------------------------------------------------------------------- implementations
 
-def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
-                     lam, beta, accumulate, importance_kind, directional):
+def _fused_step_checks(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
+                       keep, lam, accumulate, importance_kind) -> int:
+    """Every check of a native fused_step before a pointer is taken; returns G."""
     op, device = "fused_step", grad.device
     _check(op, "grad", grad, device=device, dtypes=FLOATS)
     n = grad.numel()
@@ -176,6 +177,14 @@ def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale
              groups, (torch.float32,))
     if accumulate not in ("ema", "sum") or importance_kind not in ("fisher", "abs"):
         raise ValueError(f"{op}: accumulate={accumulate!r}, importance_kind={importance_kind!r}")
+    return groups
+
+
+def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale, thresh, keep,
+                     lam, beta, accumulate, importance_kind, directional):
+    device = grad.device
+    groups = _fused_step_checks(grad, param, anchor, importance, fisher, offsets, inv_scale,
+                                thresh, keep, lam, accumulate, importance_kind)
     stats = torch.empty((groups, 7), dtype=torch.float32, device=device)
     if groups == 0:
         return stats
@@ -183,7 +192,7 @@ def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale
     scratch = torch.empty(rows * groups * 7, dtype=torch.float64, device=device)
     args = (_addr(grad), _addr(param), _addr(anchor), _addr(importance), _addr(fisher),
             offsets.data_ptr(), inv_scale.data_ptr(), thresh.data_ptr(), keep.data_ptr(),
-            lam.data_ptr(), stats.data_ptr(), scratch.data_ptr(), n, groups,
+            lam.data_ptr(), stats.data_ptr(), scratch.data_ptr(), grad.numel(), groups,
             DTYPE_CODES[grad.dtype], DTYPE_CODES[importance.dtype], float(beta),
             accumulate == "ema", importance_kind == "fisher", bool(directional))
     if device.type == "cpu":
@@ -191,6 +200,48 @@ def _fused_step_impl(grad, param, anchor, importance, fisher, offsets, inv_scale
     else:
         _C.cuda_fused_step(*args, *_stream(device))
     return stats
+
+
+class CpuFusedStepLaunch:
+    """One CPU ``fused_step`` on fixed tensors, checked once here: each call is the kernel
+    launch alone (no dispatcher, no checks), for ``masked_step``'s eager path.
+
+    The caller must prove before each call that nothing the checks read has changed
+    (``aim_kernels.prepared`` does: the same tensor objects with the same address, shape,
+    strides, dtype and device, and ``offsets`` unwritten). Calls go through neither the
+    dispatcher nor its modes; the in-place outputs' version counters are bumped as the
+    custom op's would be.
+    """
+
+    def __init__(self, grad, param, anchor, importance, fisher, offsets, inv_scale, thresh,
+                 keep, lam, *, beta, accumulate, importance_kind, directional):
+        if grad.device.type != "cpu":
+            raise ValueError(f"fused_step: a CPU launch needs CPU tensors, got {grad.device}")
+        groups = _fused_step_checks(grad, param, anchor, importance, fisher, offsets,
+                                    inv_scale, thresh, keep, lam, accumulate, importance_kind)
+        self.groups = groups
+        self._mutated = (grad, fisher)
+        self._head = (_addr(grad), _addr(param), _addr(anchor), _addr(importance),
+                      _addr(fisher), offsets.data_ptr(), inv_scale.data_ptr(),
+                      thresh.data_ptr(), keep.data_ptr(), lam.data_ptr())
+        self._tail = (grad.numel(), groups, DTYPE_CODES[grad.dtype],
+                      DTYPE_CODES[importance.dtype], float(beta), accumulate == "ema",
+                      importance_kind == "fisher", bool(directional))
+        self._scratch = torch.empty(0, dtype=torch.float64)
+
+    def __call__(self) -> Tensor:
+        groups = self.groups
+        stats = torch.empty((groups, 7), dtype=torch.float32)
+        if groups == 0:
+            return stats
+        # the team size is read per call (torch.set_num_threads may change it), and the
+        # per-thread scratch grown to fit it
+        need = _C.cpu_threads() * groups * 7
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.float64)
+        _C.cpu_fused_step(*self._head, stats.data_ptr(), self._scratch.data_ptr(), *self._tail)
+        torch._C._increment_version(self._mutated)
+        return stats
 
 
 # The CUDA select's scratch must hold zero histograms on entry and is left so by every
