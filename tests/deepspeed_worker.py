@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import aim_kernels as ak
-from tests.vlm_toy import ToyVLM, toy_groups
+from tests.vlm_toy import ToyVLM, masked_by_spec, toy_groups
 
 GLOBAL_BATCH = 8
 TASKS, STEPS = 2, 3
@@ -328,14 +328,8 @@ def trainer_two_tasks(rank: int, world: int, out: str, stage: int) -> dict:
         state = callback.state
         state.pull_params()
         if masks is None:
-            masks = []
-            for b in state.buckets:
-                masked = torch.zeros(b.numel, dtype=torch.bool)
-                for g in range(state.num_groups):
-                    lo, hi = b.group_range(g)
-                    om = b.importance[lo:hi]
-                    masked[lo:hi] = (om >= b.thresh[g]) & (om > 0)
-                masks.append((masked, b.anchor.clone()))
+            masks = [(m, b.anchor.clone())
+                     for b, m in zip(state.buckets, masked_by_spec(state, keep_zero_only=True))]
             result["masked"] = sum(int(m.sum()) for m, _ in masks)
             result["steps_task1"] = state.steps
     result["held"] = all(torch.equal(b.param[m], a[m]) for b, (m, a) in zip(state.buckets, masks))

@@ -14,7 +14,7 @@ from torch import nn
 import aim_kernels as ak
 from aim_kernels import sharding
 from aim_kernels.ops import reference
-from tests.vlm_toy import ToyVLM, toy_groups
+from tests.vlm_toy import ToyVLM, masked_by_spec, toy_groups
 
 GLOBAL_BATCH = 8
 TASKS, STEPS = 2, 4
@@ -256,12 +256,7 @@ def masked_local(state) -> list[tuple]:
     """Per bucket: this process's masked elements of keep = 0 groups (from its Ω and the
     global t_g), the live local weights and the anchors, flat."""
     out = []
-    for b in state.buckets:
-        masked = torch.zeros(b.numel, dtype=torch.bool)
-        for g in range(state.num_groups):
-            lo, hi = b.group_range(g)
-            om = b.importance[lo:hi]
-            masked[lo:hi] = (om >= b.thresh[g]) & (om > 0)
+    for b, masked in zip(state.buckets, masked_by_spec(state, keep_zero_only=True)):
         live = torch.cat([sharding.local(s.param.detach()).reshape(-1) for s in b.slots])
         out.append((masked, live, b.anchor))
     return out

@@ -14,18 +14,8 @@ import torch
 
 import aim_kernels as ak
 
-from .vlm_toy import ToyVLM, snapshot, toy_groups, toy_loss
+from .vlm_toy import ToyVLM, snapshot, toy_groups, toy_loss, trained_toy
 
-
-def _trained(seed=0):
-    model = ToyVLM(seed=seed)
-    state = ak.attach(model, ak.AIMConfig(groups=toy_groups(mask_ratio=0.3, lam=2.0)))
-    for i in range(3):
-        toy_loss(model, seed * 10 + i).backward()
-        ak.masked_step(model)
-        state.zero_grad()
-    ak.consolidate(model)
-    return model, state
 
 
 def _file_state(path):
@@ -43,7 +33,7 @@ def test_a_writer_failing_halfway_leaves_the_previous_file(tmp_path, monkeypatch
     """Whatever safetensors does (0.4-0.7 truncate the target first), a failed write
     must not reach the target: the mock writes half the file to the path it is given."""
     import safetensors.torch as st
-    model, state = _trained()
+    model, state = trained_toy()
     path = tmp_path / "aim.safetensors"
     state.save(path)
     good = _file_state(path)
@@ -66,7 +56,7 @@ def test_a_writer_failing_halfway_leaves_the_previous_file(tmp_path, monkeypatch
     monkeypatch.setattr(st, "save_file", real)
     _same(_file_state(path), good)
     assert os.listdir(tmp_path) == ["aim.safetensors"]      # the temporary file is gone
-    _, fresh = _trained(seed=1)
+    _, fresh = trained_toy(seed=1)
     fresh.load(path)
     _same({k: v for k, v in fresh.state_dict().items()}, good)
 
@@ -126,7 +116,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_file(tmp_path):
 
 
 def test_load_checks_the_file_before_touching_the_state(tmp_path):
-    model, state = _trained()
+    model, state = trained_toy()
     path = tmp_path / "aim.safetensors"
     state.save(path)
     raw = path.read_bytes()

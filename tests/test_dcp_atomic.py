@@ -15,21 +15,11 @@ import torch
 import aim_kernels as ak
 from aim_kernels.integrations import distributed as dist_ckpt
 
-from .vlm_toy import ToyVLM, snapshot, toy_groups, toy_loss
+from .vlm_toy import ToyVLM, snapshot, toy_groups, toy_loss, trained_toy
 
 pytest.importorskip("torch.distributed.checkpoint")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
-
-def _trained(seed=0):
-    model = ToyVLM(seed=seed)
-    state = ak.attach(model, ak.AIMConfig(groups=toy_groups(mask_ratio=0.3, lam=2.0)))
-    for i in range(3):
-        toy_loss(model, seed * 10 + i).backward()
-        ak.masked_step(model)
-        state.zero_grad()
-    ak.consolidate(model)
-    return model, state
 
 
 def _advance(model, state):
@@ -46,7 +36,7 @@ def _sd(state):
 
 def _loaded(path):
     """The state a fresh model reads from ``path``."""
-    _, fresh = _trained(seed=1)
+    _, fresh = trained_toy(seed=1)
     dist_ckpt.load(fresh, path)
     return _sd(fresh)
 
@@ -81,7 +71,7 @@ def _half_then_fail(monkeypatch):
 
 
 def test_a_writer_failing_halfway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    model, state = _trained()
+    model, state = trained_toy()
     path = tmp_path / "ckpt"
     dist_ckpt.save(state, path)
     good = _sd(state)
@@ -97,7 +87,7 @@ def test_a_writer_failing_halfway_leaves_the_previous_checkpoint(tmp_path, monke
 
 
 def test_a_successful_save_replaces_the_checkpoint(tmp_path):
-    model, state = _trained()
+    model, state = trained_toy()
     path = tmp_path / "ckpt"
     dist_ckpt.save(state, path)
     first = os.readlink(path)
@@ -110,7 +100,7 @@ def test_a_successful_save_replaces_the_checkpoint(tmp_path):
 
 def test_a_folder_written_by_plain_dcp_is_replaced(tmp_path):
     import torch.distributed.checkpoint as dcp
-    model, state = _trained()
+    model, state = trained_toy()
     path = tmp_path / "ckpt"
     dcp.save(state.state_dict(), checkpoint_id=str(path))          # a real folder at path
     _advance(model, state)
@@ -150,7 +140,7 @@ def test_a_crash_at_any_instant_of_the_swap_leaves_a_complete_checkpoint(
     renames away just before the link replaces ``ckpt``: a crash in between must find the
     new checkpoint through the pending link."""
     import torch.distributed.checkpoint as dcp
-    model, state = _trained()
+    model, state = trained_toy()
     path = tmp_path / "ckpt"
     if legacy:
         dcp.save(state.state_dict(), checkpoint_id=str(path))
@@ -184,7 +174,7 @@ def test_a_crash_at_any_instant_of_the_swap_leaves_a_complete_checkpoint(
 def test_a_save_killed_mid_write_leaves_a_folder_that_is_never_read(tmp_path):
     """A kill runs no cleanup: the half-written folder stays beside ckpt; load ignores it
     and the next save removes it."""
-    model, state = _trained()
+    model, state = trained_toy()
     path = tmp_path / "ckpt"
     dist_ckpt.save(state, path)
     good = _sd(state)
@@ -242,7 +232,7 @@ def test_a_process_killed_mid_save_leaves_a_complete_checkpoint(tmp_path):
 
 
 def test_load_checks_the_checkpoint_before_touching_the_state(tmp_path):
-    model, state = _trained()
+    model, state = trained_toy()
     other = ak.attach(ToyVLM(seed=0), ak.AIMConfig(groups=toy_groups(mask_ratio=0.1)))
     dist_ckpt.save(other, tmp_path / "other")
     toy_loss(model, 5).backward()

@@ -8,22 +8,17 @@ gradient reduction), with the same masks and counts at every step.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 from tests import deepspeed_worker as W  # noqa: E402
+from tests.vlm_toy import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 GROUPS = ("vision", "projector", "language")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +28,7 @@ def runs(tmp_path_factory):
     os.environ["DS_ACCELERATOR"] = "cpu"       # the spawned processes inherit it
     try:
         for world in (1, 2):
-            torch.multiprocessing.spawn(W.worker, args=(world, _free_port(), str(out)),
+            torch.multiprocessing.spawn(W.worker, args=(world, free_port(), str(out)),
                                         nprocs=world, join=True)
     finally:
         if old is None:

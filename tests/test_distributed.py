@@ -6,28 +6,23 @@ the single-process run (up to the summation order of the gradient reduction).
 """
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
 
 from tests import distributed_worker as W
+from tests.vlm_toy import free_port
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch built without distributed support")
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    torch.multiprocessing.spawn(W.worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD,
+    torch.multiprocessing.spawn(W.worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD,
                                 join=True)
     load = lambda name, r: torch.load(out / f"{name}-rank{r}.pt", weights_only=False)  # noqa: E731
     return {name: [load(name, r) for r in range(WORLD)]

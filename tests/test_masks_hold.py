@@ -13,7 +13,7 @@ from torch import nn
 import aim_kernels as ak
 from aim_kernels import holds
 
-from .vlm_toy import ToyVLM, snapshot, toy_groups, toy_loss
+from .vlm_toy import ToyVLM, masked_by_spec, snapshot, toy_groups, toy_loss
 
 
 class SplitVLM(nn.Module):
@@ -36,20 +36,6 @@ def groups(keep_language=0.0):
     g = toy_groups(mask_ratio=0.3, lam=2.0)
     g["language"] = ak.GroupConfig(r"^language", 0.3, keep_language, 2.0)
     return g
-
-
-def masked_elements(state):
-    """Per bucket, the masked elements of keep = 0 groups, from Ω and t_g (DESIGN 2.1)."""
-    out = []
-    for b in state.buckets:
-        m = torch.zeros(b.numel, dtype=torch.bool)
-        for g, cfg in enumerate(state.group_configs.values()):
-            lo, hi = b.group_range(g)
-            om = b.importance[lo:hi].float()
-            if cfg.keep == 0:
-                m[lo:hi] = (om >= b.thresh[g]) & (om > 0)
-        out.append(m)
-    return out
 
 
 def readme_loop(model, state, opt, tasks=2, steps=6, check=None):
@@ -82,7 +68,7 @@ def test_readme_loop_holds_masked_elements_bitwise_after_every_step(make_opt):
     def check(task, i):
         if task == 0:
             return
-        for b, m in zip(state.buckets, masked_elements(state)):
+        for b, m in zip(state.buckets, masked_by_spec(state, keep_zero_only=True)):
             assert torch.equal(b.param[m], b.anchor[m]), f"masked elements moved at step {i}"
             seen["held"] += int(m.sum())
             seen["moved"] += int((b.param[~m] != b.anchor[~m]).sum())
@@ -90,7 +76,7 @@ def test_readme_loop_holds_masked_elements_bitwise_after_every_step(make_opt):
     readme_loop(model, state, opt, tasks=3, check=check)
     assert seen["held"] > 0 and seen["moved"] > 0          # not vacuous
     # both buckets of the split group held something
-    assert all(m.any() for m in masked_elements(state))
+    assert all(m.any() for m in masked_by_spec(state, keep_zero_only=True))
 
 
 def test_keep_between_zero_and_one_is_not_held():
@@ -114,7 +100,7 @@ def test_hold_touches_only_the_held_elements_and_goes_at_detach():
     assert holds.hook_installed()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     readme_loop(model, state, opt, tasks=1)
-    (m,) = masked_elements(state)
+    (m,) = masked_by_spec(state, keep_zero_only=True)
     assert state.held_count == int(m.sum()) > 0
     b = state.buckets[0]
     with torch.no_grad():
@@ -235,7 +221,7 @@ def test_cast_error_advises_state_to_which_keeps_the_state():
     (b,) = state.buckets
     assert torch.equal(b.anchor, anchor.half().float())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    (m,) = masked_elements(state)
+    (m,) = masked_by_spec(state, keep_zero_only=True)
     for i in range(3):
         opt.zero_grad(set_to_none=False)
         toy_loss(model, 50 + i).backward()

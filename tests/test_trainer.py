@@ -11,6 +11,8 @@ transformers = pytest.importorskip("transformers")
 from aim_kernels.continual.tiny import synthetic_batch, tiny_llava  # noqa: E402
 from aim_kernels.integrations import AIMCallback  # noqa: E402
 
+from .vlm_toy import masked_by_spec  # noqa: E402
+
 STEPS = 12
 
 
@@ -78,15 +80,7 @@ class GradNorm(transformers.TrainerCallback):
 
 def _masks(state):
     """Per bucket, the masked elements after the last consolidation, and the anchors."""
-    out = []
-    for b in state.buckets:
-        masked = torch.zeros(b.numel, dtype=torch.bool)
-        for g in range(state.num_groups):
-            lo, hi = b.group_range(g)
-            om = b.importance[lo:hi]
-            masked[lo:hi] = (om >= b.thresh[g]) & (om > 0)
-        out.append((masked, b.anchor.clone()))
-    return out
+    return [(m, b.anchor.clone()) for b, m in zip(state.buckets, masked_by_spec(state, keep_zero_only=True))]
 
 
 def _holds_masks_through_second_task(model, tmp_path):

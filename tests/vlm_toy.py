@@ -1,6 +1,8 @@
 """A toy VLM (no transformers) for fast API tests, and state snapshots."""
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch import nn
 
@@ -60,3 +62,39 @@ def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} changed"
+
+
+def trained_toy(seed: int = 0):
+    """A ToyVLM after one task of three steps and a consolidation: Ω, masks and anchors set."""
+    model = ToyVLM(seed=seed)
+    state = ak.attach(model, ak.AIMConfig(groups=toy_groups(mask_ratio=0.3, lam=2.0)))
+    for i in range(3):
+        toy_loss(model, seed * 10 + i).backward()
+        ak.masked_step(model)
+        state.zero_grad()
+    ak.consolidate(model)
+    return model, state
+
+
+def masked_by_spec(state, keep_zero_only: bool = False) -> list[torch.Tensor]:
+    """Per bucket, the masked elements (DESIGN.md 2.1: Ω >= t_g and Ω > 0) from this
+    process's Ω and the thresholds; with ``keep_zero_only`` only those of keep = 0 groups
+    (the ones DESIGN 2.4 holds at their anchors)."""
+    out = []
+    for b in state.buckets:
+        masked = torch.zeros(b.numel, dtype=torch.bool)
+        for g, cfg in enumerate(state.group_configs.values()):
+            if keep_zero_only and cfg.keep != 0:
+                continue
+            lo, hi = b.group_range(g)
+            om = b.importance[lo:hi].float()
+            masked[lo:hi] = (om >= b.thresh[g]) & (om > 0)
+        out.append(masked)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free now on loopback, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
