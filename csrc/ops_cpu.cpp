@@ -18,8 +18,10 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -387,9 +389,62 @@ void histogram_range(const T* __restrict x, int64_t lo, int64_t hi, int pass, ui
   if (sum) *sum += s[0];
 }
 
-// The k-th largest |x| of every group at once (DESIGN.md 2): three passes over the whole
-// buffer, one parallel region each (a region per group and pass cost a wake-up of the
-// team, and on a busy machine a wait for a descheduled thread, each time). Each thread
+// Pass 1 over [lo, hi) with the elements it counts kept: the |x| bits sharing pass 0's
+// digit are appended to `out` and counted into `h`. Pass 2 then counts from `out` alone
+// instead of reading the whole buffer a third time. Returns false (out cleared, nothing
+// counted) when more than `cap` match: the caller then falls back to full passes.
+template <typename T>
+bool collect_pass1(const T* __restrict x, int64_t lo, int64_t hi, uint32_t prefix,
+                   std::vector<uint32_t>& out, size_t cap, int64_t* __restrict h) {
+  const int shift = select::shift_of(1) + 10;
+  const uint32_t want = prefix >> shift;
+  const size_t start = out.size();
+  int64_t i = lo;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int W = 16;
+    const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), w = _mm512_set1_epi32(int(want));
+    const __m128i sh = _mm_cvtsi32_si128(shift);
+    constexpr int64_t kChunk = 4096;   // grow `out` per chunk, not per vector
+    alignas(64) uint32_t buf[kChunk + W];
+    for (; i + W <= hi && out.size() - start <= cap;) {
+      const int64_t e = std::min(hi, i + kChunk);
+      size_t used = 0;
+      for (; i + W <= e; i += W) {
+        const __m512i v = _mm512_and_si512(_mm512_loadu_si512(x + i), mag);
+        const __mmask16 m = _mm512_cmpeq_epi32_mask(_mm512_srl_epi32(v, sh), w);
+        _mm512_storeu_si512(buf + used, _mm512_maskz_compress_epi32(m, v));
+        used += size_t(__builtin_popcount(uint32_t(m)));
+      }
+      out.insert(out.end(), buf, buf + used);
+    }
+  }
+#endif
+  for (; i < hi && out.size() - start <= cap; ++i) {
+    const uint32_t bits = abs_bits(load(x[i]));
+    if ((bits >> shift) == want) out.push_back(bits);
+  }
+  if (out.size() - start > cap) {
+    out.resize(start);
+    return false;
+  }
+  alignas(64) uint32_t sub[kSub][select::kBins];
+  std::memset(sub, 0, sizeof(sub));
+  const uint32_t* b = out.data();
+  const size_t n = out.size();
+  size_t j = start;
+  for (; j + kSub <= n; j += kSub)
+    for (int u = 0; u < kSub; ++u) ++sub[u][select::digit_of(b[j + u], 1)];
+  for (; j < n; ++j) ++sub[0][select::digit_of(b[j], 1)];
+  for (int u = 0; u < kSub; ++u)
+    for (int b2 = 0; b2 < select::kBins; ++b2) h[b2] += sub[u][b2];
+  return true;
+}
+
+// The k-th largest |x| of every group at once (DESIGN.md 2): three radix passes, the
+// first two over the whole buffer and the third over what the second kept (see
+// collect_pass1; the whole buffer again where that was over its cap), one parallel
+// region each (a region per group and pass cost a wake-up of the team, and on a busy machine a wait for a descheduled thread, each time). Each thread
 // takes one contiguous range and keeps one histogram per group it meets; between passes
 // the histograms are summed over the threads and each group's select walks its own.
 // The group sums for c_g are taken in the first pass. Scratch (cpu_threshold_scratch_bytes):
@@ -412,6 +467,16 @@ void thresholds_impl(const ThresholdArgs& a) {
     any = any || k > 0;
   }
   std::fill(sums, sums + rows, 0.0);
+  // Pass 1's matches per (thread, group) row, for pass 2; kept[row] false: not collected.
+  // Held by the calling thread between calls (fresh memory costs a page fault per 4 KiB
+  // on first touch, as much as the pass it saves; capacities over kRetain are released
+  // at the end). Used through a reference: inside the parallel region the name of a
+  // thread_local would be each worker's own.
+  thread_local std::vector<std::vector<uint32_t>> cand_cache;
+  std::vector<std::vector<uint32_t>>& cand = cand_cache;
+  if (cand.size() < size_t(rows)) cand.resize(size_t(rows));
+  for (auto& c : cand) c.clear();
+  std::vector<char> kept(static_cast<size_t>(rows), 0);
   for (int pass = 0; pass < select::kPasses && (any || (pass == 0 && want_sum)); ++pass) {
     std::fill(hist, hist + rows * select::kBins, int64_t(0));
     const bool with_sum = pass == 0 && want_sum;
@@ -422,6 +487,26 @@ void thresholds_impl(const ThresholdArgs& a) {
       if (lo < hi)
         for_segments(a.offsets, G, lo, hi, [&](int64_t s, int64_t e, int64_t g) {
           if (st[g].remaining <= 0 && !with_sum) return;   // k = 0: nothing to select
+          const int64_t row = t * G + g;
+          int64_t* hr = hist + row * select::kBins;
+          if (pass == 1) {
+            // a capped buffer: a group whose matches are more than an eighth of it is
+            // cheaper read again than copied
+            try {
+              kept[row] = collect_pass1(x, s, e, st[g].prefix, cand[row],
+                                        size_t((e - s) / 8), hr);
+            } catch (const std::bad_alloc&) {   // no exception may leave the region
+              cand[row].clear();
+              kept[row] = 0;
+            }
+            if (kept[row]) return;
+          } else if (pass == 2 && kept[row]) {
+            const uint32_t* b = cand[row].data();
+            const size_t m = cand[row].size();
+            for (size_t j = 0; j < m; ++j)
+              if (select::in_prefix(b[j], st[g].prefix, 2)) ++hr[select::digit_of(b[j], 2)];
+            return;
+          }
           histogram_range(x, s, e, pass, st[g].prefix, hist + (t * G + g) * select::kBins,
                           with_sum ? sums + t * G + g : nullptr);
         });
@@ -434,6 +519,9 @@ void thresholds_impl(const ThresholdArgs& a) {
       select::walk(st[g], pass, [&](int d) { return h[d]; });
     }
   }
+  constexpr size_t kRetain = size_t(1) << 22;   // elements (16 MiB) per row
+  for (auto& c : cand)
+    if (c.capacity() > kRetain) std::vector<uint32_t>().swap(c);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t n = a.offsets[g + 1] - a.offsets[g];
     const bool k_is_zero = n == 0 || select::kth_count(a.ratios ? a.ratios[g] : a.ratio, n) <= 0;
