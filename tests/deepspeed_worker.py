@@ -269,10 +269,13 @@ def unsupported(rank: int, world: int, out: str) -> dict:
     return {"messages": messages}
 
 
-def nonfinite(rank: int, world: int, out: str, fp16: bool = False) -> dict:
-    """A step DeepSpeed skips (fp16: loss-scale overflow; fp32: non-finite gradient norm under
-    clipping) leaves the AIM state, the step count and the fp32 masters untouched."""
-    engine = engine_for(ds_config(2, world, fp16=fp16) | {"gradient_clipping": 1.0}, "sgd")
+def nonfinite(rank: int, world: int, out: str, fp16: bool = False, stage: int = 2) -> dict:
+    """A step DeepSpeed skips (fp16: loss-scale overflow; fp32 at ZeRO-1/2/3: non-finite
+    gradient norm under clipping) leaves the AIM state, the step count and the fp32 masters
+    untouched. At ZeRO-0 fp32 the engine steps the torch optimizer itself, with no overflow
+    check: the AIM step must take that step too, or its count and anchors fall out of step
+    with the weights."""
+    engine = engine_for(ds_config(stage, world, fp16=fp16) | {"gradient_clipping": 1.0}, "sgd")
     state = ak.attach(engine, aim_config())
     train_step(engine, 0, 0, rank, world)
     before = {k: v.clone() for k, v in state.state_dict().items()}
@@ -284,7 +287,9 @@ def nonfinite(rank: int, world: int, out: str, fp16: bool = False) -> dict:
     stats = ak.masked_step(engine)
     engine.step()
     after = state.state_dict()
-    return {"skipped": stats.skipped, "ds_overflow": bool(engine.optimizer.overflow),
+    return {"skipped": stats.skipped, "ds_overflow": bool(getattr(engine.optimizer, "overflow", False)),
+            "ds_applied": bool(engine._step_applied),
+            "nonfinite": sum(v["nonfinite"] for v in stats.as_dict().values()),
             "state_same": all(torch.equal(before[k], after[k]) for k in before),
             "params_same": all(torch.equal(masters[k], v) for k, v in full_params(engine).items()),
             "steps": state.steps}
@@ -402,7 +407,6 @@ def scenarios(world: int):
         ("z3-offload", lambda r, w, o: run(engine_for(ds_config(3, w, offload=True), "adamw"), r, w)),
         ("z3-offload-param", lambda r, w, o: run(engine_for(ds_config(
             3, w, offload=True, offload_param={"device": "cpu"}), "adamw"), r, w)),
-        ("nonfinite", nonfinite),
         ("nonfinite-fp16", lambda r, w, o: nonfinite(r, w, o, fp16=True)),
         ("z1-fp16", lambda r, w, o: run(engine_for(ds_config(1, w, fp16=True), "adamw"), r, w)),
         ("z2-fp16", lambda r, w, o: run(engine_for(ds_config(2, w, fp16=True), "sgd"), r, w)),
@@ -410,8 +414,10 @@ def scenarios(world: int):
     ]
     for stage in (0, 1, 2, 3):
         out.append((f"z{stage}-never-zero", lambda r, w, o, s=stage: never_zero(r, w, o, s)))
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
+        out.append((f"z{stage}-nonfinite", lambda r, w, o, s=stage: nonfinite(r, w, o, stage=s)))
+    for stage in (1, 2, 3):
         out.append((f"z{stage}-trainer", lambda r, w, o, s=stage: trainer_two_tasks(r, w, o, s)))
         out.append((f"z{stage}-trainer-resume", lambda r, w, o, s=stage: trainer_resume(r, w, o, s)))
     return out

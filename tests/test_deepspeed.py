@@ -150,7 +150,7 @@ def test_stage0_is_replicated(runs):
     assert all(r["bytes"] == one["bytes"] for r in runs("z0-sgd"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_resume_from_deepspeed_checkpoint_is_exact(runs, stage):
     for rank, r in enumerate(runs(f"z{stage}-resume")):
         a, b = r["straight"], r["resumed"]
@@ -170,10 +170,22 @@ def test_masked_step_never_reads_zero_for_real_gradients(runs, stage):
         assert all("no engine.backward(loss)" in e for e in r["errors"])
 
 
-def test_skipped_step_leaves_state_untouched(runs):
-    for r in runs("nonfinite"):
-        assert r["ds_overflow"] and r["skipped"]
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_skipped_step_leaves_state_untouched(runs, stage):
+    """fp32 + gradient_clipping, an inf in the batch: DeepSpeed's ZeRO optimizer skips."""
+    for r in runs(f"z{stage}-nonfinite"):
+        assert r["ds_overflow"] and not r["ds_applied"] and r["skipped"]
         assert r["state_same"] and r["params_same"] and r["steps"] == 1
+
+
+def test_stage0_fp32_nonfinite_step_is_taken_as_deepspeed_takes_it(runs):
+    """ZeRO-0 fp32 has no overflow check: DeepSpeed clips (inf x 0 = NaN) and steps the
+    torch optimizer. masked_step takes the step too, and its stats count the non-finite
+    gradient elements, so the count stays that of the weights' steps."""
+    for r in runs("z0-nonfinite"):
+        assert r["ds_applied"] and not r["ds_overflow"]
+        assert not r["skipped"] and r["steps"] == 2 and r["nonfinite"] > 0
+        assert not r["params_same"]
 
 
 def test_unsupported_features_are_named_at_attach(runs):
