@@ -81,12 +81,7 @@ def single_process_run() -> dict:
 
 
 def _fsdp(rank: int, world: int, out: str) -> None:
-    from torch.distributed.fsdp import fully_shard
-    model = ToyVLM(seed=0)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            fully_shard(module)
-    fully_shard(model)
+    model = _sharded(ToyVLM(seed=0))
     state = ak.attach(model, config())
     stats = train(model, model, rank, world)
     result = {"stats": stats, "state": per_param_state(model, state), "steps": state.steps,
@@ -97,11 +92,7 @@ def _fsdp(rank: int, world: int, out: str) -> None:
     from aim_kernels.integrations import distributed as dist_ckpt
     ckpt = os.path.join(out, "fsdp-ckpt")
     dist_ckpt.save(state, ckpt)
-    fresh = ToyVLM(seed=1)
-    for module in fresh.modules():
-        if isinstance(module, nn.Linear):
-            fully_shard(module)
-    fully_shard(fresh)
+    fresh = _sharded(ToyVLM(seed=1))
     other = ak.attach(fresh, ak.AIMConfig(groups=toy_groups(mask_ratio=0.1, lam=2.0)))
     before = per_param_state(fresh, other)
     try:
@@ -288,12 +279,7 @@ def adamw_holds(model, inner, state, rank: int = 0, world: int = 1) -> dict:
 def _holds(rank: int, world: int, out: str) -> None:
     """The masks hold under AdamW through FSDP2 and through DDP wrapped before attach
     (the order the HF Trainer uses), with masked_step called on the DDP wrapper."""
-    from torch.distributed.fsdp import fully_shard
-    model = ToyVLM(seed=0)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            fully_shard(module)
-    fully_shard(model)
+    model = _sharded(ToyVLM(seed=0))
     state = ak.attach(model, config())
     result = {"fsdp": adamw_holds(model, model, state, rank, world)}
     model = ToyVLM(seed=0)
