@@ -4,8 +4,10 @@ One process (``DS_ACCELERATOR=cpu``, gloo), a 9-layer MLP of 256-wide linear lay
 the three roles (18 tensors, 592k elements), torch AdamW. Each round's backward (and the
 previous round's ``engine.step()``) is set-up, outside the timing. ``masked_step`` reads
 the gradient fragments of ZeRO-2's flat partition, runs the fused step and writes them
-back; its copies are merged into one per run of consecutive fragments (``merged``) --
-``per-parameter`` switches the merging off, one copy per tensor, to show what it saves.
+back; each copy is one ``torch._foreach_copy_``, over runs of consecutive fragments
+(``merged``: the fp32 masters of this model are one run; ZeRO-2's reduced gradients lie
+in its flat buffer in backward order, so they stay 18 pieces) -- ``per-parameter``
+switches the merging off, one piece per tensor, to show what it saves.
 ``engine.step()`` is timed on the same engine with the state attached (its optimizer
 step, the mask hold and the copy of the fp32 partition to the model's weights).
 """
@@ -41,10 +43,14 @@ class _Net(nn.Module):
 
 @pytest.fixture(scope="module")
 def engine():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if os.environ["DS_ACCELERATOR"] != "cpu":
+    import socket
+    if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         pytest.skip("this benchmark runs DeepSpeed on the CPU accelerator")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"),
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = dict(os.environ)
+    os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     model = _Net()
@@ -65,6 +71,8 @@ def engine():
     yield eng, state
     ak.detach(eng)
     torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 _GEN = torch.Generator().manual_seed(1)
