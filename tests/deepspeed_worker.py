@@ -342,6 +342,36 @@ def resume_mismatch(rank: int, world: int, out: str) -> dict:
     return {"messages": messages, "state_same": all(torch.equal(before[k], after[k]) for k in before)}
 
 
+def sync_collectives(rank: int, world: int, out: str, stage: int) -> dict:
+    """The DeepSpeed collectives ``consolidate`` issues to put the fp32 masters into the
+    model's weights (the AIM thresholds' own all-reduces go through torch.distributed and
+    are not counted): ZeRO-1/2 gather each parameter group once, not each parameter."""
+    import deepspeed.comm as dist
+    engine = engine_for(ds_config(stage, world), "sgd")
+    ak.attach(engine, aim_config())
+    train_step(engine, 0, 0, rank, world)
+    calls = []
+    names = [n for n in ("all_reduce", "all_gather", "all_gather_into_tensor", "allgather_fn",
+                         "broadcast", "reduce_scatter_fn", "reduce_scatter_tensor")
+             if callable(getattr(dist, n, None))]
+    originals = {n: getattr(dist, n) for n in names}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return originals[name](*args, **kwargs)
+        return call
+    for n in names:
+        setattr(dist, n, counted(n))
+    try:
+        ak.consolidate(engine)
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+    return {"calls": calls, "params": len(list(engine.module.parameters())),
+            "groups": len(engine.optimizer.bit16_groups)}
+
+
 def _fresh_tiny_llava():
     """A plain tiny LLaVA: once ZeRO-3 TrainingArguments have existed in this process,
     transformers builds new models inside deepspeed.zero.Init (partitioned at birth) until
@@ -472,6 +502,8 @@ def scenarios(world: int):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
         out.append((f"z{stage}-nonfinite", lambda r, w, o, s=stage: nonfinite(r, w, o, stage=s)))
     out.append(("resume-mismatch", resume_mismatch))
+    for stage in (1, 2):
+        out.append((f"z{stage}-sync-collectives", lambda r, w, o, s=stage: sync_collectives(r, w, o, s)))
     for stage in (1, 2, 3):
         out.append((f"z{stage}-trainer", lambda r, w, o, s=stage: trainer_two_tasks(r, w, o, s)))
         out.append((f"z{stage}-trainer-resume", lambda r, w, o, s=stage: trainer_resume(r, w, o, s)))

@@ -298,3 +298,12 @@ def test_trainer_deepspeed_resume_is_exact(runs, stage):
         assert torch.equal(a["param"], b["param"]), f"rank {rank}"
         for key in a["state"]:
             assert torch.equal(a["state"][key], b["state"][key]), f"rank {rank} {key}"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_weight_sync_is_one_collective_per_parameter_group(runs, stage):
+    """consolidate puts the fp32 masters into the model's weights with DeepSpeed's own
+    gather of each parameter group (here 1 group, 10 parameters), not a collective per
+    parameter."""
+    for r in runs(f"z{stage}-sync-collectives"):
+        assert 0 < len(r["calls"]) <= r["groups"] < r["params"], r["calls"]
