@@ -371,7 +371,7 @@ class ZeroState(AIMState):
             out = step(*args, **kwargs)
             if boundary:                  # the optimizer stepped: its gradients are spent
                 self._fresh = False
-                if self._took_step and not engine._step_applied:
+                if self._took_step and not getattr(engine, "_step_applied", True):
                     warnings.warn("aim_kernels: DeepSpeed skipped an optimizer step whose "
                                   "gradients were finite when masked_step read them; the AIM "
                                   "state took it", RuntimeWarning, stacklevel=2)
