@@ -280,6 +280,7 @@ def _runs(slots, tensors) -> list[tuple[int, int, torch.Tensor]]:
     parameters of a sub-group): one copy per run, not one per parameter."""
     out = []
     for s, t in zip(slots, tensors):
+        t = t.detach()      # a view of a master that requires grad: copies stay out of autograd
         if out:
             lo, n, prev = out[-1]
             if lo + n == s.start and _continues(prev, t):
