@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import aim_kernels as ak
+from tests.vlm_toy import release_deepspeed_shm
 
 deepspeed = pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 
@@ -71,6 +72,7 @@ def engine():
     yield eng, state
     ak.detach(eng)
     torch.distributed.destroy_process_group()
+    release_deepspeed_shm(0)
     os.environ.clear()
     os.environ.update(saved)
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import aim_kernels as ak
-from tests.vlm_toy import ToyVLM, masked_by_spec, toy_groups
+from tests.vlm_toy import ToyVLM, masked_by_spec, release_deepspeed_shm, toy_groups
 
 GLOBAL_BATCH = 8
 TASKS, STEPS = 2, 3
@@ -528,3 +528,4 @@ def worker(rank: int, world: int, port: int, out: str, only: list | None = None)
             torch.save(result, os.path.join(out, f"{name}-w{world}-rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+        release_deepspeed_shm(rank)

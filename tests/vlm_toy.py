@@ -98,3 +98,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def release_deepspeed_shm(rank: int) -> None:
+    """Unlink the shared-memory all-reduce buffer DeepSpeed's CPU accelerator made for `rank`.
+
+    DeepSpeed 0.19 creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (64 MiB) at init_distributed and never unlinks it, so every test run used to leave
+    128 MiB of RAM behind until reboot (17 GiB after a day of runs on one machine).
+    Call after destroy_process_group; the pages go once no process maps them.
+    """
+    import os
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+            f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
