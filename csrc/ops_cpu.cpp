@@ -30,6 +30,7 @@
 #include "aim_math.h"
 #include "ops.h"
 #include "select.h"
+#include "select_window_cpu.h"
 
 namespace aim {
 namespace AIM_CPU_NS {
@@ -441,6 +442,90 @@ bool collect_pass1(const T* __restrict x, int64_t lo, int64_t hi, uint32_t prefi
   return true;
 }
 
+// The groups of at least window::kMinGroup elements (with k > 0, or a sum to take) in
+// one streaming pass (select_window_cpu.h): a settled group gets st[g] = {its k-th
+// largest, 0}; one whose window missed keeps its state for the radix passes. Their sums
+// are added into `sums` (per thread and group, as pass 0 would) and marked in `summed`.
+template <typename T>
+void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double* sums,
+                  std::vector<char>& summed) {
+  const int threads = cpu_threads();
+  const int64_t G = a.groups, rows = int64_t(threads) * G;
+  const bool want_sum = a.inv_scale && a.normalize;
+  std::vector<window::Bounds> w(static_cast<size_t>(G));
+  std::vector<char> on(static_cast<size_t>(G), 0);
+  thread_local std::vector<uint32_t> sample_cache;
+  bool any = false;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = a.offsets[g + 1] - a.offsets[g], k = st[g].remaining;
+    if (n < window::kMinGroup || (k <= 0 && !want_sum)) continue;
+    // k = 0 with a sum to take: an empty window (nothing is > lo and <= hi)
+    w[size_t(g)] = k > 0 ? window::bounds_of(x + a.offsets[g], n, k, sample_cache)
+                         : window::Bounds{0xFFFFFFFFu, 0xFFFFFFFFu, 0.0};
+    on[size_t(g)] = 1;
+    any = true;
+  }
+  if (!any) return;
+  // Per (thread, group) row: the kept bits. Held by the calling thread between calls,
+  // as cand_cache below (used through a reference inside the region).
+  thread_local std::vector<std::vector<uint32_t>> buf_cache;
+  std::vector<std::vector<uint32_t>>& buf = buf_cache;
+  if (buf.size() < size_t(rows)) buf.resize(size_t(rows));
+  std::vector<window::Part> parts(static_cast<size_t>(rows));
+#pragma omp parallel num_threads(threads) if (a.n >= kSerialBelow)
+  {
+    const int t = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t lo = a.n * t / team, hi = a.n * (t + 1) / team;
+    alignas(64) uint32_t spare[window::kStretch + 16];
+    if (lo < hi)
+      for_segments(a.offsets, G, lo, hi, [&](int64_t s, int64_t e, int64_t g) {
+        if (!on[size_t(g)]) return;
+        const int64_t row = t * G + g;
+        const window::Bounds& wg = w[size_t(g)];
+        // twice the share the sample expects: a window holding more was misplaced
+        size_t cap = size_t(2.0 * wg.expected_fraction * double(e - s)) + 4096;
+        uint32_t* out = spare;
+        try {   // no exception may leave the region
+          std::vector<uint32_t>& b = buf[size_t(row)];
+          if (b.size() < cap + window::kStretch + 16) b.resize(cap + window::kStretch + 16);
+          out = b.data();
+        } catch (const std::bad_alloc&) {
+          cap = 0;   // counts and sum only; the group falls back to the radix passes
+        }
+        window::stream(x, s, e, wg, want_sum, out, cap, parts[size_t(row)]);
+      });
+  }
+  std::vector<std::pair<const uint32_t*, size_t>> held;
+  std::vector<uint32_t> hist;
+  for (int64_t g = 0; g < G; ++g) {
+    if (!on[size_t(g)]) continue;
+    int64_t above = 0, at_lo = 0, kept = 0;
+    bool overflow = false;
+    held.clear();
+    for (int t = 0; t < threads; ++t) {
+      const window::Part& p = parts[size_t(t * G + g)];
+      sums[t * G + g] += p.sum;
+      above += p.above;
+      at_lo += p.at_lo;
+      kept += int64_t(p.kept);
+      overflow = overflow || p.overflow;
+      if (p.kept) held.emplace_back(buf[size_t(t * G + g)].data(), p.kept);
+    }
+    summed[size_t(g)] = want_sum;
+    const int64_t k = st[g].remaining;
+    if (k <= 0 || overflow) continue;
+    if (above < k && k <= above + kept)              // inside (lo, hi]
+      st[g] = select::State{
+          window::kth_of(held, k - above, w[size_t(g)].lo, w[size_t(g)].hi, hist), 0};
+    else if (above + kept < k && k <= above + kept + at_lo)   // equal to lo
+      st[g] = select::State{w[size_t(g)].lo, 0};
+    // else: the window missed; the radix passes select this group
+  }
+  constexpr size_t kRetain = size_t(1) << 22;   // elements (16 MiB) per row
+  for (auto& b : buf)
+    if (b.capacity() > kRetain) std::vector<uint32_t>().swap(b);
+}
+
 // The k-th largest |x| of every group at once (DESIGN.md 2): three radix passes, the
 // first two over the whole buffer and the third over what the second kept (see
 // collect_pass1; the whole buffer again where that was over its cap), one parallel
@@ -467,6 +552,16 @@ void thresholds_impl(const ThresholdArgs& a) {
     any = any || k > 0;
   }
   std::fill(sums, sums + rows, 0.0);
+  // Large groups first: one pass with a sampled window (select_window_cpu.h); the
+  // groups it settles leave the radix passes (remaining 0), and it takes their sums.
+  std::vector<char> summed(static_cast<size_t>(G), 0);
+  window_stage(x, a, st, sums, summed);
+  any = false;
+  bool sum_left = false;
+  for (int64_t g = 0; g < G; ++g) {
+    any = any || st[g].remaining > 0;
+    sum_left = sum_left || (want_sum && !summed[size_t(g)]);
+  }
   // Pass 1's matches per (thread, group) row, for pass 2; kept[row] false: not collected.
   // Held by the calling thread between calls (fresh memory costs a page fault per 4 KiB
   // on first touch, as much as the pass it saves; capacities over kRetain are released
@@ -477,16 +572,17 @@ void thresholds_impl(const ThresholdArgs& a) {
   if (cand.size() < size_t(rows)) cand.resize(size_t(rows));
   for (auto& c : cand) c.clear();
   std::vector<char> kept(static_cast<size_t>(rows), 0);
-  for (int pass = 0; pass < select::kPasses && (any || (pass == 0 && want_sum)); ++pass) {
+  for (int pass = 0; pass < select::kPasses && (any || (pass == 0 && sum_left)); ++pass) {
     std::fill(hist, hist + rows * select::kBins, int64_t(0));
-    const bool with_sum = pass == 0 && want_sum;
+    const bool with_sum = pass == 0 && sum_left;
 #pragma omp parallel num_threads(threads) if (a.n >= kSerialBelow)
     {
       const int t = omp_get_thread_num(), team = omp_get_num_threads();
       const int64_t lo = a.n * t / team, hi = a.n * (t + 1) / team;
       if (lo < hi)
         for_segments(a.offsets, G, lo, hi, [&](int64_t s, int64_t e, int64_t g) {
-          if (st[g].remaining <= 0 && !with_sum) return;   // k = 0: nothing to select
+          const bool sum_here = with_sum && !summed[size_t(g)];
+          if (st[g].remaining <= 0 && !sum_here) return;   // k = 0 or settled: nothing to select
           const int64_t row = t * G + g;
           int64_t* hr = hist + row * select::kBins;
           if (pass == 1) {
@@ -508,7 +604,7 @@ void thresholds_impl(const ThresholdArgs& a) {
             return;
           }
           histogram_range(x, s, e, pass, st[g].prefix, hist + (t * G + g) * select::kBins,
-                          with_sum ? sums + t * G + g : nullptr);
+                          sum_here ? sums + t * G + g : nullptr);
         });
     }
     for (int64_t g = 0; g < G; ++g) {
