@@ -139,6 +139,33 @@ AIM_HD void step_one(T* __restrict grad, const T* __restrict param, const T* __r
   c1[l] += o.finite ? 0 : 1;
 }
 
+// Software prefetch of the five streams, kPrefetchAhead elements ahead of the loop (every
+// 64-byte line of one loop step). Five read streams are more than the hardware prefetcher
+// keeps far enough ahead for one core: with this, a one-thread fused step at 2^24 fp32
+// went from 1.29-1.31x to 1.14-1.19x torch's fused AdamW (4 read streams), distances
+// 0 and 1-4 KiB of fp32 timed interleaved in one process (load ~9 on 2 cores); 1.5-3 KiB
+// were alike, 1 KiB no better than none.
+constexpr int64_t kPrefetchAhead = 512;
+
+template <int Lanes, typename X>
+AIM_HD void prefetch_lines(const X* p, int64_t i, int rw) {
+  constexpr int kBytes = Lanes * int(sizeof(X));
+  for (int off = 0; off < kBytes; off += 64) {
+    const char* q = reinterpret_cast<const char*>(p + i) + off;
+    if (rw) __builtin_prefetch(q, 1); else __builtin_prefetch(q, 0);
+  }
+}
+
+template <int Lanes, typename T, typename S>
+AIM_HD void prefetch_ahead(const T* grad, const T* param, const T* anchor, const S* imp,
+                           const S* fisher, int64_t i) {
+  prefetch_lines<Lanes>(grad, i, 1);
+  prefetch_lines<Lanes>(param, i, 0);
+  prefetch_lines<Lanes>(anchor, i, 0);
+  prefetch_lines<Lanes>(imp, i, 0);
+  prefetch_lines<Lanes>(fisher, i, 1);
+}
+
 // Elements [lo, lo + whole) of one block, whole a multiple of Lanes. A function of its
 // own: with this loop nest inside step_segment's, GCC 12 did not vectorise it. The
 // partials are locals for the loop (through the reference they went to memory and
@@ -157,6 +184,7 @@ __attribute__((noinline)) void step_block(T* __restrict grad, const T* __restric
   float p0[Lanes] = {}, p1[Lanes] = {}, p2[Lanes] = {}, p3[Lanes] = {}, p4[Lanes] = {};
   int32_t c0[Lanes] = {}, c1[Lanes] = {};
   for (int64_t j = 0; j < whole; j += Lanes) {
+    prefetch_ahead<Lanes>(grad, param, anchor, imp, fisher, lo + j + kPrefetchAhead);
 #pragma omp simd
     for (int l = 0; l < Lanes; ++l)
       step_one<Lanes>(grad, param, anchor, imp, fisher, lo + j + l, l, k, gs, p0, p1, p2, p3,
