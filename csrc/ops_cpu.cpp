@@ -554,7 +554,9 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
     if (b.capacity() > kRetain) std::vector<uint32_t>().swap(b);
 }
 
-// The k-th largest |x| of every group at once (DESIGN.md 2): three radix passes, the
+// The k-th largest |x| of every group at once (DESIGN.md 2). Groups of at least
+// window::kMinGroup elements first try one pass (window_stage); the others, and those
+// whose window missed, take three radix passes, the
 // first two over the whole buffer and the third over what the second kept (see
 // collect_pass1; the whole buffer again where that was over its cap), one parallel
 // region each (a region per group and pass cost a wake-up of the team, and on a busy machine a wait for a descheduled thread, each time). Each thread
