@@ -549,9 +549,15 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
       st[g] = select::State{w[size_t(g)].lo, 0};
     // else: the window missed; the radix passes select this group
   }
+  // Kept for the next call: rows of at most 16 MiB, 64 MiB in all (many large groups
+  // would otherwise leave a tenth of their size held by this thread).
   constexpr size_t kRetain = size_t(1) << 22;   // elements (16 MiB) per row
-  for (auto& b : buf)
+  size_t held_total = 0;
+  for (auto& b : buf) {
     if (b.capacity() > kRetain) std::vector<uint32_t>().swap(b);
+    held_total += b.capacity();
+  }
+  if (held_total > 4 * kRetain) std::vector<std::vector<uint32_t>>().swap(buf);
 }
 
 // The k-th largest |x| of every group at once (DESIGN.md 2). Groups of at least
