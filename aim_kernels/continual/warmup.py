@@ -150,8 +150,11 @@ def _read_stage(model, images, questions, steps: int, batch: int, gen: torch.Gen
     from .model import inputs, vision_tower
     vt = vision_tower(model)
     vt.requires_grad_(False)
+    # statistics of the first 2048 images (the images come task by task: with more, the
+    # first tasks' only)
     feats = patch_features(model, images[:2048]).flatten(1)
-    mu, sd = feats.mean(0), feats.std(0) + 1e-4
+    # one image has no spread: its target is then 0, not NaN
+    mu, sd = feats.mean(0), (feats.std(0) if len(feats) > 1 else torch.zeros_like(feats[0])) + 1e-4
     head = torch.nn.Linear(model.config.text_config.hidden_size, feats.shape[1])
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=DECODER_LR, weight_decay=0.0)
