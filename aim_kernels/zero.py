@@ -17,9 +17,11 @@ only (1/ranks of the model) and a missing gradient is an error, never a zero.
 
 n_g, sum Omega, t_g, m_g and the stats are global over the data-parallel group
 (``sharding.global_thresholds`` / ``global_align_thresholds``, kept in the state).
-Gradients are copied into the state's fp32 buffer (divided by the loss scale), stepped,
-and copied back (times the loss scale): DeepSpeed then clips and steps the regularised
-gradient.
+Gradients are copied into the state's fp32 buffer (divided by the loss scale the engine
+put in them: ZeRO-1/2/3 fp16; none at stage 0, whose fp16 engine does not scale the loss),
+stepped, and copied back in the engine's units: DeepSpeed then clips and steps the
+regularised gradient. A non-finite gradient never reaches the AIM state (the step is
+skipped on every rank), whether or not DeepSpeed's optimizer skips it too.
 
 Masks hold on the update (DESIGN.md 2.4): a post-hook on the optimizer that updates
 the fp32 partition puts every masked element of a keep=0 group back to its anchor,
@@ -92,11 +94,6 @@ def unsupported_features(engine, zero_config=None) -> list[str]:
         found.append("ZenFlow")
     if getattr(engine.optimizer, "use_muon", False):
         found.append("the Muon optimizer")
-    if engine.fp16_enabled() and engine.zero_optimization_stage() == 0:
-        # DeepSpeed 0.19's engine.backward scales the loss for ZeRO optimizers only, while
-        # its stage-0 FP16 optimizers unscale in their step: the scale in the gradients is
-        # not the one the optimizer reports, so the AIM step could not read true gradients.
-        found.append("fp16 at ZeRO stage 0 (use ZeRO-1, or bf16)")
     return found
 
 
@@ -149,8 +146,9 @@ class _Unfused(_Replicated):
         return self._master[id(p)].data.view(-1)
 
     def sync_params(self, slots) -> None:
-        for s in slots:
-            s.param.data.copy_(self.master(s.param).view_as(s.param))
+        if slots:
+            torch._foreach_copy_([s.param.data.view(-1) for s in slots],
+                                 [self.master(s.param) for s in slots])
 
     def inner_optimizers(self):
         return [self.optimizer.optimizer]
@@ -188,16 +186,10 @@ class _Flat:
         return g
 
     def sync_params(self, slots) -> None:
-        """Model weights = the fp32 masters, on every rank (one all-reduce per parameter)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-        for p in self._lp_params():
-            full = safe_get_full_fp32_param(p)
-            p.data.copy_(full.to(p.dtype).view_as(p))
-
-    def _lp_params(self):
-        opt = self.optimizer
-        groups = getattr(opt, "bit16_groups", None) or getattr(opt, "bf16_groups", None)
-        return [p for group in groups for p in group]
+        """Model weights = the fp32 masters, on every rank: DeepSpeed's own end of step
+        (each rank's fp32 partition into its 16-bit partition, then one all-gather per
+        parameter group, in ``allgather_bucket_size`` pieces)."""
+        self.optimizer.update_lp_params()
 
     def inner_optimizers(self):
         return [self.optimizer.optimizer]
@@ -231,8 +223,9 @@ class _Stage3:
         return t.view(-1).narrow(0, 0, self.numel(p))
 
     def sync_params(self, slots) -> None:
-        for s in slots:
-            self._lp_slice(s.param).copy_(self.master(s.param))
+        if slots:
+            torch._foreach_copy_([self._lp_slice(s.param) for s in slots],
+                                 [self.master(s.param) for s in slots])
         # The small parameters DeepSpeed keeps gathered ("persistent") would go on serving
         # their old values: release every parameter and gather those again, as the end of
         # DeepSpeed's own step does (all ranks call this: both are collectives).
@@ -273,6 +266,55 @@ def _dp_group(optimizer, stage: int):
     return torch.distributed.group.WORLD
 
 
+# ---- copies between DeepSpeed's tensors and the state's flat buffers --------------------------
+def _continues(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``b`` starts where ``a`` ends in the same flat storage."""
+    return (a.dtype == b.dtype and a.device == b.device and a.stride() == (1,)
+            and b.stride() == (1,) and b.storage_offset() == a.storage_offset() + a.numel()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+def _runs(slots, tensors) -> list[tuple[int, int, torch.Tensor]]:
+    """``(start, numel, tensor)`` per run of slots whose DeepSpeed-side 1-D tensors are
+    consecutive pieces of one flat buffer (ZeRO-1/2 fragments of a partition, ZeRO-3
+    parameters of a sub-group): one copy per run, not one per parameter."""
+    out = []
+    for s, t in zip(slots, tensors):
+        t = t.detach()      # a view of a master that requires grad: copies stay out of autograd
+        if out:
+            lo, n, prev = out[-1]
+            if lo + n == s.start and _continues(prev, t):
+                out[-1] = (lo, n + s.numel,
+                           prev.as_strided((n + s.numel,), (1,), prev.storage_offset()))
+                continue
+        out.append((s.start, s.numel, t))
+    return out
+
+
+def _gather(buf: torch.Tensor, runs) -> None:
+    """``buf[start:start + numel] = tensor`` for every run, in one foreach call."""
+    if runs:
+        torch._foreach_copy_([buf.narrow(0, lo, n) for lo, n, _ in runs], [t for _, _, t in runs])
+
+
+def _scatter(buf: torch.Tensor, runs) -> None:
+    """``tensor = buf[start:start + numel]`` for every run, in one foreach call."""
+    if runs:
+        torch._foreach_copy_([t for _, _, t in runs], [buf.narrow(0, lo, n) for lo, n, _ in runs])
+
+
+def _any_nonfinite(state: AIMState) -> bool:
+    """Any non-finite gradient in any rank's buffer, from one float64 sum per buffer (7x
+    cheaper than an isfinite mask on the CPU): a float64 sum of finite fp32 values cannot
+    overflow, and inf / NaN survive the sum and the all-reduce, so the answer is exact."""
+    flag = torch.zeros(1, dtype=torch.float64)
+    for b in state.buckets:
+        flag += b.grad.sum(dtype=torch.float64).cpu()
+    if state.collectives is not None:
+        flag = state.collectives.sum(flag)
+    return not bool(torch.isfinite(flag).item())
+
+
 # ---- the state ---------------------------------------------------------------------------
 class ZeroState(AIMState):
     """The AIM state of the elements this rank owns in a DeepSpeed engine.
@@ -299,7 +341,18 @@ class ZeroState(AIMState):
         self._hooks = [o.register_step_post_hook(lambda *_args, **_kw: self.hold_masks_())
                        for o in self.partition.inner_optimizers()]
         self.last_skip_reason = None
+        self._warned_nonfinite = False
+        self._took_step = False
         self._track_backward()
+        if engine is not None and engine.fp16_enabled() and stage == 0 and self.loss_scale() == 1.0:
+            warnings.warn(
+                "aim_kernels: DeepSpeed's fp16 engine at ZeRO stage 0 does not scale the loss in "
+                "engine.backward (only ZeRO optimizers do) but its FP16 optimizer divides the "
+                "gradients by the loss scale in its step: every update is 1/loss_scale of the "
+                "gradient's. masked_step reads the gradients as they are (true units) and writes "
+                "them back alike, so its regularisation is scaled as the gradient is; use ZeRO-1 "
+                "or bf16 for fp16 training at the intended learning rate", RuntimeWarning,
+                stacklevel=3)
 
     def _track_backward(self) -> None:
         """Know whether the partitions hold a gradient of this step. ZeRO-3 keeps its grad
@@ -319,6 +372,11 @@ class ZeroState(AIMState):
             out = step(*args, **kwargs)
             if boundary:                  # the optimizer stepped: its gradients are spent
                 self._fresh = False
+                if self._took_step and not getattr(engine, "_step_applied", True):
+                    warnings.warn("aim_kernels: DeepSpeed skipped an optimizer step whose "
+                                  "gradients were finite when masked_step read them; the AIM "
+                                  "state took it", RuntimeWarning, stacklevel=2)
+                self._took_step = False
             return out
 
         engine.backward, engine.step = tracked_backward, tracked_step
@@ -337,8 +395,7 @@ class ZeroState(AIMState):
             offsets.append(cursor)
         device = master_device or torch.device("cpu")
         param = torch.empty(cursor, dtype=torch.float32, device=device)
-        for s in slots:
-            s.param_view(param).copy_(self.partition.master(s.param))
+        _gather(param, _runs(slots, [self.partition.master(s.param) for s in slots]))
         cfgs = list(self.group_configs.values())
         f32 = dict(dtype=torch.float32, device=device)
         return Bucket(
@@ -365,15 +422,27 @@ class ZeroState(AIMState):
                    for b in self.buckets for k in ("param", "grad", "anchor", "importance", "fisher"))
 
     # weights: the fp32 masters are the truth; the model weights follow
+    def _master_runs(self, b: Bucket):
+        """The bucket's fp32 masters as runs. DeepSpeed keeps its fp32 partitions in place
+        (its optimizer steps them as parameters), so the views are found once, and again
+        after a checkpoint load (:meth:`forget_views`)."""
+        cache = self.__dict__.setdefault("_masters", {})
+        if id(b) not in cache:
+            cache[id(b)] = _runs(b.slots, [self.partition.master(s.param) for s in b.slots])
+        return cache[id(b)]
+
+    def forget_views(self) -> None:
+        self.__dict__.pop("_masters", None)
+
+    @torch.no_grad()
     def pull_params(self) -> None:
         for b in self.buckets:
-            for s in b.slots:
-                s.param_view(b.param).copy_(self.partition.master(s.param))
+            _gather(b.param, self._master_runs(b))
 
+    @torch.no_grad()
     def push_params(self) -> None:
         for b in self.buckets:
-            for s in b.slots:
-                self.partition.master(s.param).copy_(s.param_view(b.param))
+            _scatter(b.param, self._master_runs(b))
         self.partition.sync_params([s for b in self.buckets for s in b.slots])
 
     def zero_grad(self) -> None:
@@ -411,18 +480,45 @@ class ZeroState(AIMState):
         return 1.0 if scaler is None else float(scaler.cur_scale)
 
     def skips_nonfinite(self) -> bool:
-        """Will DeepSpeed skip an optimizer step whose gradient is not finite?"""
+        """Will DeepSpeed (0.19) skip an optimizer step whose gradient is not finite?
+
+        Stage 0: the FP16 optimizers check overflow and the BF16 optimizer a non-finite
+        norm; a torch optimizer (fp32) is stepped whatever it holds. Stage 3 skips on a
+        non-finite norm always. Stages 1-2 skip when they check overflow (fp16; bf16 with
+        ``check_grad_overflow``) or compute the norm in fp32 (``compute_grad_norm``, default).
+        """
         opt = self.optimizer
-        if self.engine is not None and self.engine.fp16_enabled():
-            return True
-        if getattr(opt, "check_grad_overflow", False):
-            return True
-        clip = float(getattr(opt, "clip_grad", 0.0) or 0.0)
-        return clip > 0 and getattr(opt, "dtype", torch.float32) != torch.bfloat16
+        if isinstance(opt, torch.optim.Optimizer):
+            return False
+        if self.stage in (1, 2):
+            return bool(getattr(opt, "check_grad_overflow", False)) or (
+                bool(getattr(opt, "compute_grad_norm", True))
+                and getattr(opt, "dtype", torch.float32) != torch.bfloat16)
+        return True
+
+    def _warn_nonfinite(self) -> None:
+        """Once per state: DeepSpeed will put this non-finite step into the weights."""
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        names = [s.name for b in self.buckets for s in b.slots
+                 if not bool(torch.isfinite(s.param_view(b.grad)).all())]
+        where = f"parameter {names[0]!r}" if names else "a parameter of another rank's partition"
+        warnings.warn(
+            f"aim_kernels: non-finite gradient ({where}) that DeepSpeed will apply to the weights "
+            f"(ZeRO stage {self.stage}, {type(self.optimizer).__name__}: no overflow check for "
+            "it); the AIM state skipped the step. Find the source of the non-finite loss, or use "
+            "an fp16 engine or ZeRO-1/2/3, whose optimizers skip such steps", RuntimeWarning,
+            stacklevel=3)
 
     @torch.no_grad()
     def masked_step(self, grads=None, skip=False):
-        from .step import StepStats, _align, _any_nonfinite, _should_skip, _skipped
+        """The fused step on the reduced gradients of this rank's partition, in true units
+        (divided by the loss scale the engine multiplied the loss by), written back in the
+        engine's units. A non-finite gradient anywhere never reaches the AIM state: the step
+        is skipped on every rank (whatever ``skip`` says; DeepSpeed's loss scaler owns that
+        decision), with a warning when DeepSpeed will apply the step to the weights."""
+        from .step import StepStats, _align, _should_skip, _skipped
         if grads is not None:
             raise ValueError("masked_step: grads= cannot be passed for a DeepSpeed engine; its "
                              "reduced gradients live in the ZeRO partitions, which masked_step reads")
@@ -437,31 +533,29 @@ class ZeroState(AIMState):
         if self._fresh:
             self._fresh = False
         skipping = _should_skip(skip)
-        fetched = [[(s, self.partition.grad(s.param, s.name)) for s in b.slots]
+        fetched = [_runs(b.slots, [self.partition.grad(s.param, s.name) for s in b.slots])
                    for b in self.buckets]        # every gradient found before anything moves
         if skipping:
             return _skipped(self)
         scale = self.loss_scale()
-        for b, pairs in zip(self.buckets, fetched):
-            for s, g in pairs:
-                dst = s.param_view(b.grad)
-                dst.copy_(g)
-                if scale != 1.0:
-                    dst.div_(scale)
-        if (skipping is None or self.skips_nonfinite()) and _any_nonfinite(self):
+        for b, runs in zip(self.buckets, fetched):
+            _gather(b.grad, runs)
+            if scale != 1.0:
+                b.grad.div_(scale)
+        if _any_nonfinite(self):
             self.last_skip_reason = "nonfinite"
+            if not self.skips_nonfinite():
+                self._warn_nonfinite()
             return _skipped(self)
         self.pull_params()
         cfg = self.config
         total = None
-        for b, pairs in zip(self.buckets, fetched):
+        for b, runs in zip(self.buckets, fetched):
             stats = ops.fused_step(
                 b.grad, b.param, b.anchor, b.importance, b.fisher, b.offsets, b.inv_scale,
                 b.thresh, b.keep, b.lam, beta=cfg.beta, accumulate=cfg.accumulate,
                 importance_kind=cfg.importance, directional=cfg.directional, backend=cfg.backend)
-            for s, g in pairs:
-                src = s.param_view(b.grad)
-                g.copy_(src * scale if scale != 1.0 else src)
+            _scatter(b.grad * scale if scale != 1.0 else b.grad, runs)
             total = stats if total is None else total + stats
         if total is None:
             total = torch.zeros(self.num_groups, len(ops.STAT_NAMES))
@@ -470,7 +564,49 @@ class ZeroState(AIMState):
         if cfg.align_every and self.steps % cfg.align_every == 0:
             _align(self)          # m_g kept in the state (global); then the weights are pushed
         self.last_skip_reason = None
+        self._took_step = True
         return StepStats(total, self.group_names, collectives=self.collectives)
+
+    # resume: each rank's state is its own partition of one engine layout
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = super().state_dict()
+        sd["meta.deepspeed"] = torch.tensor([self.stage, self.world, self.rank], dtype=torch.int64)
+        return sd
+
+    def check_layout(self, layout: torch.Tensor) -> None:
+        """A saved ``meta.deepspeed`` (stage, world size, rank) against this engine's."""
+        stage, world, rank = (int(v) for v in layout.tolist())
+        if (stage, world) != (self.stage, self.world):
+            raise ValueError(
+                f"load: the AIM state was saved from a DeepSpeed engine at ZeRO stage {stage} "
+                f"with {world} rank(s); this engine is ZeRO stage {self.stage} with "
+                f"{self.world} rank(s). Each rank's state holds its own partition, so it "
+                "resumes into the same stage and world size only")
+        if rank != self.rank:
+            raise ValueError(f"load: the AIM state of rank {rank} was given to rank {self.rank}")
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """As :meth:`AIMState.load_state_dict`, after checking the engine layout: a state
+        resumes into the ZeRO stage and world size it was saved from."""
+        if "meta.deepspeed" in sd:
+            self.check_layout(sd["meta.deepspeed"])
+        else:                  # saved before the layout was: the fingerprint still checks it
+            sd = {**sd, "meta.deepspeed": self.state_dict()["meta.deepspeed"]}
+        super().load_state_dict(sd)
+
+    def load(self, path) -> None:
+        """As :meth:`AIMState.load`, after checking the engine layout the file was saved from."""
+        from safetensors import safe_open
+        try:
+            with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+                layout = f.get_tensor("meta.deepspeed") if "meta.deepspeed" in f.keys() else None
+        except FileNotFoundError:
+            raise
+        except Exception:       # noqa: BLE001 -- not safetensors: AIMState.load names the problem
+            layout = None
+        if layout is not None:
+            self.check_layout(layout)
+        super().load(path)
 
 def attach(engine, config, groups_fn) -> ZeroState:
     """The state of a DeepSpeed engine (after ``deepspeed.initialize``)."""

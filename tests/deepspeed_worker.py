@@ -18,6 +18,7 @@ from tests.vlm_toy import ToyVLM, masked_by_spec, toy_groups
 
 GLOBAL_BATCH = 8
 TASKS, STEPS = 2, 3
+FP16_SCALE = 2 ** 10
 
 
 def aim_config() -> ak.AIMConfig:
@@ -26,7 +27,8 @@ def aim_config() -> ak.AIMConfig:
 
 
 def ds_config(stage: int, world: int, *, gas: int = 1, offload: bool = False,
-              bf16: bool = False, fp16: bool = False, **extra_zero) -> dict:
+              bf16: bool = False, fp16: bool = False, bf16_check: bool = True,
+              **extra_zero) -> dict:
     micro = GLOBAL_BATCH // (world * gas)
     zero = {"stage": stage, **extra_zero}
     if stage == 3:
@@ -38,9 +40,10 @@ def ds_config(stage: int, world: int, *, gas: int = 1, offload: bool = False,
            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
            "gradient_clipping": 0.0, "steps_per_print": 10 ** 9}
     if bf16:
-        cfg["bf16"] = {"enabled": True}
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": bf16_check}
     if fp16:     # a loss scale of 2^10: the division by the scale is not a no-op
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 10, "loss_scale_window": 1000}
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": FP16_SCALE.bit_length() - 1,
+                       "loss_scale_window": 1000}
         allow_fp16_on_cpu()
     return cfg
 
@@ -55,6 +58,8 @@ def allow_fp16_on_cpu() -> None:
 def make_optimizer(name: str, params):
     if name == "sgd":
         return torch.optim.SGD(params, lr=0.1)
+    if name == "sgd-fp16-z0":      # what DeepSpeed's stage-0 fp16 engine applies: lr / loss scale
+        return torch.optim.SGD(params, lr=0.1 / FP16_SCALE)
     return torch.optim.AdamW(params, lr=0.02, weight_decay=0.1)
 
 
@@ -179,14 +184,15 @@ def run(engine, rank: int, world: int, gas: int = 1) -> dict:
     return result(engine, state, stats, accumulating)
 
 
-def resume(rank: int, world: int, out: str, stage: int, opt: str) -> dict:
+def resume(rank: int, world: int, out: str, stage: int, opt: str, fp16: bool = False) -> dict:
     """Save in the middle of task 1 (Omega, F, anchors and optimizer moments all in play),
     load into a fresh engine of another initial model, and finish both: equal bit for bit."""
     from aim_kernels.integrations import deepspeed as ds_ckpt
-    ckpt = os.path.join(out, f"ckpt-z{stage}-w{world}")
+    ckpt = os.path.join(out, f"ckpt-z{stage}{'-fp16' * fp16}-w{world}")
     engines = {}
     for name in ("straight", "resumed"):
-        engine = engine_for(ds_config(stage, world), opt, seed=0 if name == "straight" else 5)
+        engine = engine_for(ds_config(stage, world, fp16=fp16), opt,
+                            seed=0 if name == "straight" else 5)
         state = ak.attach(engine, aim_config())
         if name == "straight":
             for step in range(STEPS):
@@ -203,11 +209,11 @@ def resume(rank: int, world: int, out: str, stage: int, opt: str) -> dict:
     return engines
 
 
-def never_zero(rank: int, world: int, out: str, stage: int) -> dict:
+def never_zero(rank: int, world: int, out: str, stage: int, fp16: bool = False) -> dict:
     """Under ZeRO-2/3 every p.grad is None after backward; masked_step must read the reduced
     gradients (their sum of squares is that of a plain model's gradient), and refuse to
     run when no backward fed the partitions (before the first one, after engine.step())."""
-    engine = engine_for(ds_config(stage, world), "sgd")
+    engine = engine_for(ds_config(stage, world, fp16=fp16), "sgd")
     ak.attach(engine, aim_config())
     errors = []
     try:
@@ -215,7 +221,7 @@ def never_zero(rank: int, world: int, out: str, stage: int) -> dict:
     except RuntimeError as exc:
         errors.append(str(exc))
     x, y = micro_batch(0, 0, 0, rank, world, 1)
-    engine.backward(nn.functional.cross_entropy(engine(x), y))
+    engine.backward(nn.functional.cross_entropy(engine(x.half() if fp16 else x).float(), y))
     grads_none = all(p.grad is None for p in engine.module.parameters())
     got = {g: v["grad_sq"] for g, v in ak.masked_step(engine).as_dict().items()}
     engine.step()
@@ -245,12 +251,6 @@ def unsupported(rank: int, world: int, out: str) -> dict:
         "NVMe offload": ("zero", "offload_optimizer", {"device": "nvme"}),
         "mixture of experts": ("engine", "has_moe_layers", True),
     }
-    engine0 = engine_for(ds_config(0, world, fp16=True), "sgd")
-    try:
-        ak.attach(engine0, aim_config())
-        messages_fp16 = None
-    except NotImplementedError as exc:
-        messages_fp16 = str(exc)
     messages = {}
     for feature, (where, attr, value) in features.items():
         obj = engine if where == "engine" else zc
@@ -264,35 +264,112 @@ def unsupported(rank: int, world: int, out: str) -> dict:
             messages[feature] = str(exc)
         finally:
             object.__setattr__(obj, attr, old)
-    messages["fp16 at ZeRO stage 0"] = messages_fp16
     ak.attach(engine, aim_config())           # and with every feature off again, it attaches
     return {"messages": messages}
 
 
-def nonfinite(rank: int, world: int, out: str, fp16: bool = False, stage: int = 2) -> dict:
-    """A step DeepSpeed skips (fp16: loss-scale overflow; fp32 at ZeRO-1/2/3: non-finite
-    gradient norm under clipping) leaves the AIM state, the step count and the fp32 masters
-    untouched. At ZeRO-0 fp32 the engine steps the torch optimizer itself, with no overflow
-    check: the AIM step must take that step too, or its count and anchors fall out of step
-    with the weights."""
-    engine = engine_for(ds_config(stage, world, fp16=fp16) | {"gradient_clipping": 1.0}, "sgd")
+def nonfinite(rank: int, world: int, out: str, fp16: bool = False, stage: int = 2,
+              clip: float = 1.0, bf16: bool = False, bf16_check: bool = True) -> dict:
+    """A step with an inf in the batch never reaches the AIM state (state, step count
+    untouched), whether DeepSpeed skips it (fp16 overflow; a non-finite norm) or, with no
+    check of its own (ZeRO-0 fp32), applies it to the weights: then masked_step warns once,
+    naming a parameter."""
+    import warnings
+    engine = engine_for(ds_config(stage, world, fp16=fp16, bf16=bf16, bf16_check=bf16_check)
+                        | {"gradient_clipping": clip}, "sgd")
     state = ak.attach(engine, aim_config())
     train_step(engine, 0, 0, rank, world)
     before = {k: v.clone() for k, v in state.state_dict().items()}
     masters = full_params(engine)
-    x, y = micro_batch(0, 1, 0, rank, world, 1)
-    x[0, 0] = float("inf")
-    x = x.half() if fp16 else x
-    engine.backward(nn.functional.cross_entropy(engine(x), y))
-    stats = ak.masked_step(engine)
-    engine.step()
+    warned = []
+    for _ in range(2):                   # the second one is not warned about again
+        x, y = micro_batch(0, 1, 0, rank, world, 1)
+        x[0, 0] = float("inf")
+        x = x.half() if fp16 else x.to(torch.bfloat16) if bf16 else x
+        engine.backward(nn.functional.cross_entropy(engine(x).float(), y))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats = ak.masked_step(engine)
+        warned += [str(w.message) for w in caught if "non-finite gradient" in str(w.message)]
+        engine.step()
     after = state.state_dict()
     return {"skipped": stats.skipped, "ds_overflow": bool(getattr(engine.optimizer, "overflow", False)),
-            "ds_applied": bool(engine._step_applied),
-            "nonfinite": sum(v["nonfinite"] for v in stats.as_dict().values()),
+            "ds_applied": bool(engine._step_applied), "warned": warned,
             "state_same": all(torch.equal(before[k], after[k]) for k in before),
             "params_same": all(torch.equal(masters[k], v) for k, v in full_params(engine).items()),
             "steps": state.steps}
+
+
+# (stage, dtype, gradient_clipping): engines whose optimizers do and do not skip a
+# non-finite step (DeepSpeed 0.19; "bf16-nocheck": bf16.check_grad_overflow = false)
+NONFINITE_MATRIX = {"z0-fp32": (0, "fp32", 0.0), "z0-bf16": (0, "bf16", 0.0),
+                    "z1-fp32": (1, "fp32", 0.0), "z2-bf16": (2, "bf16", 0.0),
+                    "z2-bf16-nocheck": (2, "bf16-nocheck", 0.0),
+                    "z3-fp32": (3, "fp32", 0.0), "z3-bf16-nocheck": (3, "bf16-nocheck", 1.0)}
+
+
+def nonfinite_matrix(rank: int, world: int, out: str) -> dict:
+    return {name: nonfinite(rank, world, out, stage=stage, clip=clip, bf16=dtype != "fp32",
+                            bf16_check=dtype == "bf16")
+            for name, (stage, dtype, clip) in NONFINITE_MATRIX.items()}
+
+
+def save_untrained(rank: int, world: int, out: str, stage: int) -> dict:
+    """A checkpoint of ``world`` ranks for the layout-mismatch test of another world size."""
+    from aim_kernels.integrations import deepspeed as ds_ckpt
+    engine = engine_for(ds_config(stage, world), "adamw")
+    ak.attach(engine, aim_config())
+    ds_ckpt.save_checkpoint(engine, os.path.join(out, f"ckpt-untrained-z{stage}-w{world}"), tag="t")
+    return {}
+
+
+def resume_mismatch(rank: int, world: int, out: str) -> dict:
+    """Loading a checkpoint of another ZeRO stage or world size: an error naming both,
+    before the state or the engine is touched."""
+    from aim_kernels.integrations import deepspeed as ds_ckpt
+    engine = engine_for(ds_config(2, world), "adamw")
+    state = ak.attach(engine, aim_config())
+    before = {k: v.clone() for k, v in state.state_dict().items()}
+    messages = {}
+    for what, folder, tag in (("stage", f"ckpt-z1-w{world}", "mid"),
+                              ("world", "ckpt-untrained-z2-w1", "t")):
+        try:
+            ds_ckpt.load_checkpoint(engine, os.path.join(out, folder), tag=tag)
+            messages[what] = None
+        except ValueError as exc:
+            messages[what] = str(exc)
+    after = state.state_dict()
+    return {"messages": messages, "state_same": all(torch.equal(before[k], after[k]) for k in before)}
+
+
+def sync_collectives(rank: int, world: int, out: str, stage: int) -> dict:
+    """The DeepSpeed collectives ``consolidate`` issues to put the fp32 masters into the
+    model's weights (the AIM thresholds' own all-reduces go through torch.distributed and
+    are not counted): ZeRO-1/2 gather each parameter group once, not each parameter."""
+    import deepspeed.comm as dist
+    engine = engine_for(ds_config(stage, world), "sgd")
+    ak.attach(engine, aim_config())
+    train_step(engine, 0, 0, rank, world)
+    calls = []
+    names = [n for n in ("all_reduce", "all_gather", "all_gather_into_tensor", "allgather_fn",
+                         "broadcast", "reduce_scatter_fn", "reduce_scatter_tensor")
+             if callable(getattr(dist, n, None))]
+    originals = {n: getattr(dist, n) for n in names}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return originals[name](*args, **kwargs)
+        return call
+    for n in names:
+        setattr(dist, n, counted(n))
+    try:
+        ak.consolidate(engine)
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+    return {"calls": calls, "params": len(list(engine.module.parameters())),
+            "groups": len(engine.optimizer.bit16_groups)}
 
 
 def _fresh_tiny_llava():
@@ -395,8 +472,12 @@ def scenarios(world: int):
     for stage in (0, 1, 2, 3):
         out.append((f"z{stage}-bf16", lambda r, w, o, s=stage:
                     run(engine_for(ds_config(s, w, bf16=True), "adamw"), r, w)))
+    out += [("z0-fp16", lambda r, w, o: run(engine_for(ds_config(0, w, fp16=True), "sgd"), r, w))]
     if world == 1:
-        return out + [("unsupported", unsupported)]
+        return out + [
+            ("unsupported", unsupported), ("nonfinite-matrix", nonfinite_matrix),
+            ("z0-sgd-fp16-lr", lambda r, w, o: run(engine_for(ds_config(0, w), "sgd-fp16-z0"), r, w)),
+            ("save-untrained-z2", lambda r, w, o: save_untrained(r, w, o, 2))]
     out += [
         ("z0-gas4", lambda r, w, o: run(engine_for(ds_config(0, w, gas=4), "sgd"), r, w, gas=4)),
         ("z1-gas4", lambda r, w, o: run(engine_for(ds_config(1, w, gas=4), "adamw"), r, w, gas=4)),
@@ -408,15 +489,21 @@ def scenarios(world: int):
         ("z3-offload-param", lambda r, w, o: run(engine_for(ds_config(
             3, w, offload=True, offload_param={"device": "cpu"}), "adamw"), r, w)),
         ("nonfinite-fp16", lambda r, w, o: nonfinite(r, w, o, fp16=True)),
+        ("z0-nonfinite-fp16", lambda r, w, o: nonfinite(r, w, o, fp16=True, stage=0)),
         ("z1-fp16", lambda r, w, o: run(engine_for(ds_config(1, w, fp16=True), "adamw"), r, w)),
         ("z2-fp16", lambda r, w, o: run(engine_for(ds_config(2, w, fp16=True), "sgd"), r, w)),
         ("z3-fp16", lambda r, w, o: run(engine_for(ds_config(3, w, fp16=True), "adamw"), r, w)),
     ]
     for stage in (0, 1, 2, 3):
         out.append((f"z{stage}-never-zero", lambda r, w, o, s=stage: never_zero(r, w, o, s)))
+    out.append(("z0-fp16-never-zero", lambda r, w, o: never_zero(r, w, o, 0, fp16=True)))
+    out.append(("z0-fp16-resume", lambda r, w, o: resume(r, w, o, 0, "sgd", fp16=True)))
     for stage in (0, 1, 2, 3):
         out.append((f"z{stage}-resume", lambda r, w, o, s=stage: resume(r, w, o, s, "adamw")))
         out.append((f"z{stage}-nonfinite", lambda r, w, o, s=stage: nonfinite(r, w, o, stage=s)))
+    out.append(("resume-mismatch", resume_mismatch))
+    for stage in (1, 2):
+        out.append((f"z{stage}-sync-collectives", lambda r, w, o, s=stage: sync_collectives(r, w, o, s)))
     for stage in (1, 2, 3):
         out.append((f"z{stage}-trainer", lambda r, w, o, s=stage: trainer_two_tasks(r, w, o, s)))
         out.append((f"z{stage}-trainer-resume", lambda r, w, o, s=stage: trainer_resume(r, w, o, s)))

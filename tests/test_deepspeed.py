@@ -150,9 +150,10 @@ def test_stage0_is_replicated(runs):
     assert all(r["bytes"] == one["bytes"] for r in runs("z0-sgd"))
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_resume_from_deepspeed_checkpoint_is_exact(runs, stage):
-    for rank, r in enumerate(runs(f"z{stage}-resume")):
+@pytest.mark.parametrize("name", ["z0-resume", "z1-resume", "z2-resume", "z3-resume",
+                                  "z0-fp16-resume"])
+def test_resume_from_deepspeed_checkpoint_is_exact(runs, name):
+    for rank, r in enumerate(runs(name)):
         a, b = r["straight"], r["resumed"]
         for part in ("params", "state"):
             for key in a[part]:
@@ -160,12 +161,15 @@ def test_resume_from_deepspeed_checkpoint_is_exact(runs, stage):
         assert a["steps"] == b["steps"] == W.TASKS * W.STEPS
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_masked_step_never_reads_zero_for_real_gradients(runs, stage):
-    for r in runs(f"z{stage}-never-zero"):
+@pytest.mark.parametrize("name,rel", [("z0-never-zero", 1e-5), ("z1-never-zero", 1e-5),
+                                      ("z2-never-zero", 1e-5), ("z3-never-zero", 1e-5),
+                                      ("z0-fp16-never-zero", 2e-3)])
+def test_masked_step_never_reads_zero_for_real_gradients(runs, name, rel):
+    stage = int(name[1])
+    for r in runs(name):
         assert r["grads_none"] == (stage >= 1)   # ZeRO-1/2/3: every p.grad is None after backward
         for group, want in r["want"].items():
-            assert want > 0 and r["got"][group] == pytest.approx(want, rel=1e-5)
+            assert want > 0 and r["got"][group] == pytest.approx(want, rel=rel)
         assert len(r["errors"]) == 2         # before any backward; after engine.step()
         assert all("no engine.backward(loss)" in e for e in r["errors"])
 
@@ -176,16 +180,27 @@ def test_skipped_step_leaves_state_untouched(runs, stage):
     for r in runs(f"z{stage}-nonfinite"):
         assert r["ds_overflow"] and not r["ds_applied"] and r["skipped"]
         assert r["state_same"] and r["params_same"] and r["steps"] == 1
+        assert r["warned"] == []
 
 
-def test_stage0_fp32_nonfinite_step_is_taken_as_deepspeed_takes_it(runs):
+def test_stage0_fp32_nonfinite_step_never_reaches_the_state(runs):
     """ZeRO-0 fp32 has no overflow check: DeepSpeed clips (inf x 0 = NaN) and steps the
-    torch optimizer. masked_step takes the step too, and its stats count the non-finite
-    gradient elements, so the count stays that of the weights' steps."""
+    torch optimizer. The AIM state (Omega, F, anchors, counts) is left as it was on every
+    rank, and masked_step warns, once, naming a parameter, that DeepSpeed applies the step."""
     for r in runs("z0-nonfinite"):
-        assert r["ds_applied"] and not r["ds_overflow"]
-        assert not r["skipped"] and r["steps"] == 2 and r["nonfinite"] > 0
-        assert not r["params_same"]
+        assert r["ds_applied"] and not r["ds_overflow"] and not r["params_same"]
+        assert r["skipped"] and r["state_same"] and r["steps"] == 1
+        assert len(r["warned"]) == 1 and "parameter 'vision.0.weight'" in r["warned"][0]
+
+
+@pytest.mark.parametrize("name", list(W.NONFINITE_MATRIX))
+def test_nonfinite_step_never_reaches_the_state_and_warns_when_deepspeed_applies_it(runs, name):
+    """Each engine kind (stage, fp32/bf16, bf16.check_grad_overflow, clipping): the state
+    skips the step; the warning comes exactly when DeepSpeed's optimizer applies it."""
+    r = runs("nonfinite-matrix", world=1)[0][name]
+    assert r["skipped"] and r["state_same"] and r["steps"] == 1
+    assert r["ds_applied"] == (not r["params_same"])
+    assert len(r["warned"]) == int(r["ds_applied"]), (name, r["ds_applied"], r["warned"])
 
 
 def test_unsupported_features_are_named_at_attach(runs):
@@ -207,13 +222,19 @@ def test_trainer_deepspeed_two_tasks_holds_masked_elements(runs, stage):
     assert sum(r["local_numel"] for r in results) == results[0]["total_numel"]
 
 
-@pytest.mark.parametrize("name,ref", [("z1-fp16", "z1-adamw"), ("z2-fp16", "z2-sgd"),
-                                      ("z3-fp16", "z3-adamw")])
-def test_fp16_engine_unscales_before_the_step(runs, name, ref):
+@pytest.mark.parametrize("name,ref,atol", [("z1-fp16", "z1-adamw", 5e-3), ("z2-fp16", "z2-sgd", 5e-3),
+                                           ("z3-fp16", "z3-adamw", 5e-3),
+                                           ("z0-fp16", "z0-sgd-fp16-lr", 5e-4)])
+def test_fp16_engine_unscales_before_the_step(runs, name, ref, atol):
     """fp16 with a loss scale of 2^10 (fp16 enabled on the CPU for the test): the step sees
     the true gradient (F and the stats match the fp32 run to fp16 precision; without the
     division by the scale they would be 2^20 times larger), masks and counts are exact, and
-    the gradient goes back scaled (under SGD a missing re-scale would shrink every step)."""
+    the gradient goes back scaled (under SGD a missing re-scale would shrink every step).
+
+    ZeRO-0: DeepSpeed 0.19's fp16 engine does not scale the loss there, and its optimizer
+    divides the gradient by the scale: the run is the fp32 run at lr / 2^10. masked_step
+    reads the unscaled gradient and writes it back unscaled (re-scaling it would make the
+    steps 2^10 times those DeepSpeed takes without aim_kernels)."""
     want = runs(ref, world=1)[0]
     for rank, got in enumerate(runs(name)):
         for step, (g, w) in enumerate(zip(got["stats"], want["stats"])):
@@ -221,13 +242,35 @@ def test_fp16_engine_unscales_before_the_step(runs, name, ref):
                 assert g[group]["masked"] == w[group]["masked"]
                 assert g[group]["grad_sq"] == pytest.approx(w[group]["grad_sq"], rel=2e-2)
             assert g["held"]["held"]
-        _close(got["params"], want["params"], f"fp16 rank {rank}", rtol=0, atol=5e-3)
+        _close(got["params"], want["params"], f"fp16 rank {rank}", rtol=0, atol=atol)
 
 
-def test_fp16_overflow_leaves_state_untouched(runs):
-    for r in runs("nonfinite-fp16"):
+def test_fp16_stage0_two_ranks_equal_one(runs):
+    want = runs("z0-fp16", world=1)[0]
+    for rank, got in enumerate(runs("z0-fp16")):
+        # the 2-rank engine all-reduces fp16 gradients: Omega and the stats differ at fp16
+        # precision (the weights, stepped at lr / loss scale, hardly)
+        _same_run(got, want, f"ZeRO-0 fp16 rank {rank}", rtol=2e-3, stat_rel=1e-2)
+
+
+@pytest.mark.parametrize("name", ["nonfinite-fp16", "z0-nonfinite-fp16"])
+def test_fp16_overflow_leaves_state_untouched(runs, name):
+    for r in runs(name):
         assert r["ds_overflow"] and r["skipped"]
         assert r["state_same"] and r["params_same"] and r["steps"] == 1
+        assert r["warned"] == []
+
+
+def test_resume_into_another_stage_or_world_size_is_an_error_naming_both(runs):
+    """A ZeRO-1 checkpoint into a ZeRO-2 engine; a 1-rank checkpoint into 2 ranks (rank 0
+    finds its file of another layout, rank 1 none): refused before anything is loaded."""
+    for rank, r in enumerate(runs("resume-mismatch")):
+        assert "ZeRO stage 1 with 2 rank(s)" in r["messages"]["stage"]
+        assert "ZeRO stage 2 with 2 rank(s)" in r["messages"]["stage"]
+        world = r["messages"]["world"]
+        assert ("ZeRO stage 2 with 1 rank(s)" in world and "stage 2 with 2 rank(s)" in world) \
+            if rank == 0 else ("saved by 1 rank(s); this engine has 2" in world)
+        assert r["state_same"]
 
 
 @pytest.mark.parametrize("zero_config,feature", [
@@ -255,3 +298,12 @@ def test_trainer_deepspeed_resume_is_exact(runs, stage):
         assert torch.equal(a["param"], b["param"]), f"rank {rank}"
         for key in a["state"]:
             assert torch.equal(a["state"][key], b["state"][key]), f"rank {rank} {key}"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_weight_sync_is_one_collective_per_parameter_group(runs, stage):
+    """consolidate puts the fp32 masters into the model's weights with DeepSpeed's own
+    gather of each parameter group (here 1 group, 10 parameters), not a collective per
+    parameter."""
+    for r in runs(f"z{stage}-sync-collectives"):
+        assert 0 < len(r["calls"]) <= r["groups"] < r["params"], r["calls"]

@@ -6,10 +6,11 @@ temp file, fsync and rename -- and then calls ``engine.save_checkpoint``, which 
 DeepSpeed's ``latest`` pointer last: a crash leaves the previous checkpoint the latest.
 ``load_checkpoint`` reads and checks the AIM file first, then loads the engine.
 A checkpoint resumes into an engine of the same ZeRO stage and world size (each rank's
-file holds its own partition; another layout is refused by the state's fingerprint).
+file holds its own partition); another stage or world size is an error naming both.
 """
 from __future__ import annotations
 
+import glob
 import os
 
 import torch
@@ -50,12 +51,18 @@ def load_checkpoint(engine, load_dir, tag=None, **kwargs):
             tag = f.read().strip()
     path = zero.state_file(load_dir, tag, _rank())
     if not os.path.exists(path):
+        folder = os.path.dirname(path)
+        saved = len(glob.glob(os.path.join(glob.escape(folder), "aim_state_rank*.safetensors")))
+        if saved:
+            raise ValueError(f"load_checkpoint: the AIM state in {folder} was saved by {saved} "
+                             f"rank(s); this engine has {state.world} (rank {state.rank} has no "
+                             "file). It resumes into the same ZeRO stage and world size only")
         raise FileNotFoundError(f"load_checkpoint: no AIM state at {path} (was the checkpoint "
-                                "written with aim_kernels.integrations.deepspeed.save_checkpoint, "
-                                "at this world size?)")
+                                "written with aim_kernels.integrations.deepspeed.save_checkpoint?)")
     sd = {k: v.to(state.buckets[0].device if state.buckets else "cpu")
           for k, v in load_file(path).items()}
-    state.load_state_dict(sd)          # checks fingerprint, keys, shapes before copying
+    state.load_state_dict(sd)          # checks layout, fingerprint, keys, shapes before copying
     out = engine.load_checkpoint(load_dir, tag=tag, **kwargs)
+    state.forget_views()
     state.refresh_thresholds()
     return out
