@@ -210,7 +210,8 @@ def _job(method, seed, order, rc, overrides, skills, sizes, taskset=None):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=RunConfig.steps, help="training steps per task")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"AdamW learning rate (default 4e-3; --data: {DATA_LR})")
     p.add_argument("--orders", type=int, default=1, help="number of task orders per seed")
     p.add_argument("--order", default="default", choices=("default", "random", "contribution"),
                    help="default: the skills' order (plus random ones when --orders > 1); "
@@ -225,7 +226,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help=f"visual pre-training / warm-up steps (default {ModelSpec.pretrain_steps}; "
-                        "--data: 600)")
+                        f"--data: {DATA_WARMUP_STEPS})")
     p.add_argument("--model", default="tiny", choices=tuple(MODELS),
                    help="tiny: decoder ~11x the projector; asym: >= 50x (see model.MODELS)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
@@ -236,7 +237,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a local HF tokenizer folder for --data (default: word-level from the training files)")
 
 
-DATA_WARMUP_STEPS = 600
+# --data: the answer-free warm-up trains the vision tower alone (~10 ms a step at batch 64)
+DATA_WARMUP_STEPS = 2000
+# --data: a decoder that learnt to read images only in the warm-up trains better at 1e-3
+# (photo-like folder, seed 1: joint AP 95.3 against 87.3 at 4e-3, naive mean R[i][i] 85 / 83)
+DATA_LR = 1e-3
 
 
 def _rc(args) -> RunConfig:
@@ -244,7 +249,8 @@ def _rc(args) -> RunConfig:
     steps = args.pretrain_steps
     if steps is None:
         steps = DATA_WARMUP_STEPS if args.data else ModelSpec.pretrain_steps
-    return RunConfig(steps=args.steps, batch=args.batch, lr=args.lr, progress=not args.no_progress,
+    lr = args.lr if args.lr is not None else DATA_LR if args.data else 4e-3
+    return RunConfig(steps=args.steps, batch=args.batch, lr=lr, progress=not args.no_progress,
                      joint_factor=args.joint_factor,
                      checkpoint=args.checkpoint, cache=args.cache,
                      spec=model_spec(args.model, args.lora, pretrain_steps=steps))

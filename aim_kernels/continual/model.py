@@ -208,7 +208,7 @@ def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | N
         key_src = {"checkpoint": str(Path(checkpoint).resolve()), "spec": arch, "seed": seed}
     elif on_files:
         model = build_llava(spec, seed, bench.vocab_size, bench.bos)
-        key_src = {"spec": arch, "seed": seed, "data": bench.data_hash, "warmup": 4}
+        key_src = {"spec": arch, "seed": seed, "data": bench.data_hash, "warmup": 6}
     else:
         model = build_llava(spec, seed)
         key_src = {"spec": arch, "seed": seed, "data": 3}
@@ -226,8 +226,9 @@ def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | N
             torch.manual_seed(seed + 1)
             if on_files:
                 from .warmup import warm_up
-                info.update(warm_up(model, bench.pretrain_images, bench.pretrain_questions, spec.pretrain_steps, spec.pretrain_batch,
-                                    spec.pretrain_lr, seed, bench.captions, progress))
+                info.update(warm_up(model, bench.pretrain_images, spec.pretrain_steps, spec.pretrain_batch,
+                                    spec.pretrain_lr, seed, bench.captions, progress,
+                                    questions=bench.pretrain_questions))
             else:
                 info.update(pretrain(model, spec, seed, progress))
             try:

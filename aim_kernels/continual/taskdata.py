@@ -7,7 +7,7 @@ MCITlib), or VQA v2 / GQA files through :mod:`realdata` (VQACL's 10 skills).
      "tasks": [{"name": "colour", "train": "colour/train.json", "test": "colour/test.json",
                 "novel": "colour/novel.json"}, ...],          # "novel" optional, per task
      "novel": "novel.json",                                    # optional, over all tasks' answers
-     "pretrain": "captions.json"}                              # optional, see model.warm_up
+     "pretrain": "captions.json"}                              # optional, see warmup.warm_up
 
 every path relative to DIR; each file a list of ``{"id", "image", "conversations":
 [{"from": "human", "value": "<image>\\n<question>"}, {"from": "gpt", "value": "<answer>"}]}``.
