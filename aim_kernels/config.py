@@ -123,22 +123,25 @@ class AIMConfig:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
 
 
-# Tuned on the continual-VQA benchmark, seed 0 only (highest AP; the sweep and its
-# results are in benchmarks/results/continual/tuning_seed0.json; README "Continual-VQA").
+# Tuned on the continual-VQA benchmark, seed 0 only: the highest AP among the candidates
+# that learn every task and forget less than naive (the sweep and its results are in
+# benchmarks/results/continual/tuning_seed0.json; README "Continual-VQA"). Under AdamW a
+# lambda that makes the regulariser hundreds of times the task gradient holds every
+# element at its anchor, so nothing after the first task is learnt (the earlier picks did that).
 _PRESETS: dict[str, dict] = {
     "naive": dict(roles={}),
-    "ewc": dict(roles={r: RoleValues(lam=1e4) for r in ROLES},
+    "ewc": dict(roles={r: RoleValues(lam=1000.0) for r in ROLES},
                 normalize=False, directional=False),
-    "mm-ewc": dict(roles={"vision": RoleValues(lam=1000.0), "projector": RoleValues(lam=10000.0),
-                          "language": RoleValues(lam=1000.0)},
+    "mm-ewc": dict(roles={"vision": RoleValues(lam=3.0), "projector": RoleValues(lam=30.0),
+                          "language": RoleValues(lam=3.0)},
                    normalize=True, directional=False),
-    "mas": dict(roles={r: RoleValues(lam=100.0) for r in ROLES},
+    "mas": dict(roles={r: RoleValues(lam=1.0) for r in ROLES},
                 importance="abs", normalize=False),
-    "merge": dict(roles={}, align_every=10, align_ratio=0.5, merge="linear", merge_alpha=0.5),
-    "fisher-merge": dict(roles={r: RoleValues(lam=10.0) for r in ROLES}, merge="fisher"),
-    "aim": dict(roles={"vision": RoleValues(mask_ratio=0.01, keep=0.0, lam=100.0),
-                       "projector": RoleValues(mask_ratio=0.05, keep=0.0, lam=1000.0),
-                       "language": RoleValues(mask_ratio=0.01, keep=0.0, lam=100.0)},
+    "merge": dict(roles={}, align_every=50, align_ratio=0.5, merge="linear", merge_alpha=0.5),
+    "fisher-merge": dict(roles={r: RoleValues(lam=1.0) for r in ROLES}, merge="fisher"),
+    "aim": dict(roles={"vision": RoleValues(mask_ratio=0.01, keep=0.0, lam=10.0),
+                       "projector": RoleValues(mask_ratio=0.05, keep=0.0, lam=100.0),
+                       "language": RoleValues(mask_ratio=0.01, keep=0.0, lam=10.0)},
                 normalize=True, directional=True),
 }
 PRESETS = tuple(_PRESETS)

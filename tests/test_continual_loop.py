@@ -42,12 +42,29 @@ def test_compare_writes_summary_report_and_plots(tmp_path, rc):
     assert summary["methods"]["aim"]["ap"] == on_disk["methods"]["aim"]["ap"]
     report = (out / "report.md").read_text()
     assert "| `aim` |" in report and "| `joint` (upper bound) |" in report
+    assert len(on_disk["load_average"]) == 3 and "load average at the end" in report
     for png in ("acc_matrices.png", "ap_af.png", "drift.png", "contribution.png"):
         assert (out / png).stat().st_size > 1000
     runs = json.loads((out / "runs.json").read_text())
     drift = runs["aim"][0]["drift"]
     assert set(drift["groups"]) == {"vision", "projector", "language"}
     assert drift["task_ends"] == [3, 6] and len(drift["step"]) == 6
+
+
+@pytest.mark.slow
+def test_pooled_set_up_gives_the_serial_results(tmp_path, rc):
+    """--jobs 2 runs each seed's pre-training and contribution matrices in the pool: the
+    same models (cache files), contributions and R as one process."""
+    import dataclasses
+    serial = compare(["naive", "aim"], [0, 1], tmp_path / "a", rc, skills=SKILLS, sizes=(32, 16, 8))
+    rc2 = dataclasses.replace(rc, cache=str(tmp_path / "cache2"))
+    pooled = compare(["naive", "aim"], [0, 1], tmp_path / "b", rc2, skills=SKILLS, sizes=(32, 16, 8), jobs=2)
+    assert sorted(p.name for p in (tmp_path / "cache2").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "cache").iterdir()) and len(list((tmp_path / "cache2").iterdir())) == 2
+    assert pooled["contribution"]["matrices"] == serial["contribution"]["matrices"]
+    assert pooled["config"]["parameters"] == serial["config"]["parameters"]
+    for m in ("naive", "aim"):
+        assert pooled["methods"][m]["acc_matrix"] == serial["methods"][m]["acc_matrix"]
 
 
 def test_pretraining_is_cached_per_seed_and_freezes_the_vision_tower(rc):

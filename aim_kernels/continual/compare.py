@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import asdict
@@ -118,26 +119,39 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     cons = []
     jobs_list = []
     counts = None
-    for seed in seeds:
-        bench = taskset if taskset is not None else data.make_benchmark(seed, *sizes, skills=tuple(skills))
-        model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress, bench=bench)
-        counts = counts or param_counts(model)
-        cons.append(contribution.contributions(model, bench, list(skills)))   # also fills the cache
-        del model
-        for o in task_orders(seed, orders, order, skills=tuple(skills), rc=rc, bench=bench):
-            jobs_list += [(m, seed, o) for m in methods]
+    pool = None
+    if jobs > 1:
+        import concurrent.futures as cf
+        import dataclasses
+        import multiprocessing as mp
+        wrc = dataclasses.replace(rc, progress=False)
+        pool = cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+        # Each seed's set-up (pre-training, the largest serial cost at --model asym, and
+        # the contribution matrices) runs in the pool too, all seeds at once.
+        prep = [pool.submit(_prepare, seed, wrc, tuple(skills), sizes, taskset) for seed in seeds]
+    try:
+        for k, seed in enumerate(seeds):
+            bench = taskset if taskset is not None else data.make_benchmark(seed, *sizes, skills=tuple(skills))
+            if pool is not None:
+                c, con = prep[k].result()
+            else:
+                c, con = _prepare(seed, rc, tuple(skills), sizes, taskset, bench)
+            counts = counts or c
+            cons.append(con)
+            for o in task_orders(seed, orders, order, skills=tuple(skills), rc=rc, bench=bench):
+                jobs_list += [(m, seed, o) for m in methods]
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        raise
 
     def show(m, seed, o, r):
         print(f"{m:>12} seed {seed} order {'/'.join(s[:3] for s in o)}: AP {r['ap']:.1f} "
               f"AF {r['af']:.1f} novel {r['novel']:.1f} ({r['seconds']:.0f} s, masked_step "
               f"{100 * r['step_overhead']:.1f}% of the step)", flush=True)
 
-    if jobs > 1:
-        import concurrent.futures as cf
-        import dataclasses
-        import multiprocessing as mp
-        wrc = dataclasses.replace(rc, progress=False)
-        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+    if pool is not None:
+        with pool:
             futs = [pool.submit(_job, m, seed, o, wrc, (overrides or {}).get(m), tuple(skills), sizes, taskset)
                     for m, seed, o in jobs_list]
             for (m, seed, o), f in zip(jobs_list, futs):
@@ -181,6 +195,8 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
                                   for m in methods if m != "joint"},
     }
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    # The machine may be shared: the 1/5/15-minute load averages at the end put the wall time in context.
+    summary["load_average"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "runs.json").write_text(json.dumps(runs))
     report.write_report(summary, runs, out)
@@ -198,6 +214,16 @@ def _preset_values(method: str) -> dict:
            and getattr(cfg, f.name) != getattr(base, f.name)}
     out["roles"] = {r: [v.mask_ratio, v.keep, v.lam] for r, v in cfg.role_values.items()}
     return out
+
+
+def _prepare(seed, rc, skills, sizes, taskset=None, bench=None):
+    """One seed's model set-up: fills the pre-training cache the runs load; returns the
+    parameter counts and the contribution matrices. In a worker: one torch thread."""
+    if bench is None:
+        torch.set_num_threads(1)
+        bench = taskset if taskset is not None else data.make_benchmark(seed, *sizes, skills=skills)
+    model, _ = make_model(rc.spec, seed, rc.checkpoint, rc.cache, progress=rc.progress, bench=bench)
+    return param_counts(model), contribution.contributions(model, bench, list(skills))
 
 
 def _job(method, seed, order, rc, overrides, skills, sizes, taskset=None):

@@ -87,6 +87,11 @@ def model_line(summary: dict) -> str:
             f"(trainable decoder / projector {n['decoder_trainable_over_projector']:g}x).")
 
 
+def _load(summary: dict) -> str:
+    la = summary.get("load_average")
+    return f" (load average at the end {la[0]:g} / {la[1]:g} / {la[2]:g} over 1 / 5 / 15 min)" if la else ""
+
+
 def write_report(summary: dict, runs: dict, out: Path) -> None:
     out = Path(out)
     cfg = summary["config"]
@@ -95,7 +100,7 @@ def write_report(summary: dict, runs: dict, out: Path) -> None:
              f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task (joint: "
              f"{cfg.get('joint_factor', 1):g} x the sequential total), batch {cfg['batch']}, "
              f"AdamW lr {cfg['lr']}. Percent, mean ± std over seeds x orders. "
-             f"Wall time {summary.get('wall_seconds', 0):.0f} s.", "",
+             f"Wall time {summary.get('wall_seconds', 0):.0f} s{_load(summary)}.", "",
              model_line(summary), "",
              table(summary), "",
              "AP = mean accuracy over all tasks after the last; AF = mean over tasks but the last "
