@@ -18,7 +18,8 @@ def native_lines() -> list[str]:
     if not info["built"]:
         return [f"native module: not built ({info['error']})"]
     lines = [f"native module: {info['path']}",
-             f"  cpu: OpenMP, {info['cpu_threads']} threads"]
+             f"  cpu: OpenMP, {info['cpu_threads']} threads, code path {info['cpu_isa']} "
+             f"(this CPU runs: {', '.join(info['cpu_isas'])})"]
     if info["cuda"] is None:
         lines.append("  cuda: not compiled in (no nvcc when the module was built)")
         return lines

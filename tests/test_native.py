@@ -625,38 +625,19 @@ def test_cuda_runs_on_the_current_stream_and_in_a_graph():
 
 
 @pytest.mark.parametrize("case", [c for c in C.step_cases() if c.n > 100][:24], ids=C.case_id)
-def _cpu_isas() -> list[str]:
-    """The CPU code paths this machine and build have (the first is the baseline)."""
-    current, found = _C.cpu_isa(), []
-    try:
-        for isa in ("default", "avx2", "avx512"):
-            try:
-                _C.set_cpu_isa(isa)
-                found.append(isa)
-            except ValueError:
-                pass
-    finally:
-        _C.set_cpu_isa(current)
-    return found
-
-
-@pytest.mark.parametrize("case", [c for c in C.step_cases() if c.n > 100][:24], ids=C.case_id)
 def test_cpu_isa_paths_agree_bit_for_bit(case):
     """Every instruction-set build of the CPU ops (baseline x86-64, AVX2, AVX-512) gives
     the same bits (the stats: the same sums in lanes of another width, within rounding)."""
-    isas = _cpu_isas()
+    isas = native.cpu_isas()
     if len(isas) < 2:
         pytest.skip("this CPU (or build) has only the baseline code path")
-    current, outs = _C.cpu_isa(), {}
-    try:
-        for isa in isas:
-            _C.set_cpu_isa(isa)
+    outs = {}
+    for isa in isas:
+        with native.using_cpu_isa(isa):
             t = C.make_tensors(case)
             args, kw = C.step_args(case, t)
             outs[isa] = (native.fused_step(*args, **kw), t["grad"], t["fisher"],
                          native.group_thresholds(t["importance"], t["offsets"], t["mask_ratio"]))
-    finally:
-        _C.set_cpu_isa(current)
     s0, g0, f0, th0 = outs["default"]
     for isa in isas[1:]:
         s1, g1, f1, th1 = outs[isa]

@@ -22,21 +22,7 @@ MIN_GROUP = 1 << 16           # window::kMinGroup
 MAX_SAMPLE = 1 << 13          # window::kMaxSample
 
 
-def _isas() -> list[str]:
-    current, found = _C.cpu_isa(), []
-    try:
-        for isa in ("default", "avx2", "avx512"):
-            try:
-                _C.set_cpu_isa(isa)
-                found.append(isa)
-            except ValueError:
-                pass
-    finally:
-        _C.set_cpu_isa(current)
-    return found
-
-
-ISAS = _isas()
+ISAS = native.cpu_isas()
 
 
 def sample_places(n: int) -> torch.Tensor:
@@ -49,12 +35,8 @@ def sample_places(n: int) -> torch.Tensor:
 
 
 def check(omega, offsets, ratio, isa, normalize=True):
-    current = _C.cpu_isa()
-    try:
-        _C.set_cpu_isa(isa)
+    with native.using_cpu_isa(isa):
         c, t = native.group_thresholds(omega, offsets, ratio, normalize=normalize)
-    finally:
-        _C.set_cpu_isa(current)
     c_ref, t_ref = reference.group_thresholds(omega, offsets, ratio, normalize=normalize)
     # the k-th largest may be NaN (NaN ranks above +inf); any NaN matches any NaN
     same = (t == t_ref) | (t.isnan() & t_ref.isnan())

@@ -13,6 +13,7 @@ traces a training step that calls them without a graph break.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from types import SimpleNamespace
 from typing import Optional
@@ -28,7 +29,8 @@ except ImportError as exc:          # not built: pure-Python install
     _IMPORT_ERROR = str(exc)
 
 __all__ = ["unavailable_reason", "backend", "built_info", "fused_step", "group_thresholds",
-           "consolidate_", "align_", "align_apply_", "device_problem"]
+           "consolidate_", "align_", "align_apply_", "device_problem", "cpu_isas",
+           "using_cpu_isa"]
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLOATS = tuple(DTYPE_CODES)
@@ -42,11 +44,35 @@ def built_info() -> dict:
     if _C is None:
         return {"built": False, "error": _IMPORT_ERROR}
     info = {"built": True, "path": _C.__file__, "cpu_threads": _C.cpu_threads(),
-            "cuda": None, "archs": ""}
+            "cpu_isa": _C.cpu_isa(), "cpu_isas": cpu_isas(), "cuda": None, "archs": ""}
     if _C.has_cuda:
         v = _C.cuda_runtime_version()
         info.update(cuda=f"{v // 1000}.{v % 1000 // 10}", archs=_C.cuda_archs())
     return info
+
+
+def cpu_isas() -> list[str]:
+    """The CPU code paths this machine and build can run, baseline first
+    (of ``"default"``, ``"avx2"``, ``"avx512"``); empty when the module is not built."""
+    if _C is None:
+        return []
+    found = []
+    for isa in ("default", "avx2", "avx512"):
+        with contextlib.suppress(ValueError), using_cpu_isa(isa):
+            found.append(isa)
+    return found
+
+
+@contextlib.contextmanager
+def using_cpu_isa(isa: str):
+    """Run the CPU ops on one code path for the block (tests compare them bit for bit);
+    the previous choice comes back after it. ValueError when this CPU or build lacks it."""
+    current = _C.cpu_isa()
+    try:
+        _C.set_cpu_isa(isa)
+        yield
+    finally:
+        _C.set_cpu_isa(current)
 
 
 def _version(v: int) -> str:
