@@ -7,6 +7,7 @@ DeepSpeed partitions the model. Each process writes what the test compares into
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import traceback
 
@@ -510,7 +511,17 @@ def scenarios(world: int):
     return out
 
 
+def log_path(out: str, world: int, rank: int) -> str:
+    return os.path.join(out, f"stderr-w{world}-rank{rank}.log")
+
+
 def worker(rank: int, world: int, port: int, out: str, only: list | None = None) -> None:
+    # A process that dies on a signal leaves no traceback in the parent: its C-level stderr
+    # ("terminate called after ...") and faulthandler's Python stacks go to a file the test
+    # quotes, with the scenario it was in (the last "scenario" line).
+    log = open(log_path(out, world, rank), "a", buffering=1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.enable(file=log, all_threads=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       DS_ACCELERATOR="cpu")
@@ -521,11 +532,13 @@ def worker(rank: int, world: int, port: int, out: str, only: list | None = None)
         for name, fn in scenarios(world):
             if only and name not in only:
                 continue
+            log.write(f"scenario {name}\n")
             try:
                 result = fn(rank, world, out)
             except Exception:      # noqa: BLE001  -- the test shows the traceback
                 result = {"error": traceback.format_exc()}
             torch.save(result, os.path.join(out, f"{name}-w{world}-rank{rank}.pt"))
+        log.write("scenario (all done)\n")
     finally:
         torch.distributed.destroy_process_group()
         release_deepspeed_shm(rank)
