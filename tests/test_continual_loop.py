@@ -93,6 +93,29 @@ def test_cli_run_writes_the_report(tmp_path):
     assert list(s["methods"]) == ["naive"] and len(s["methods"]["naive"]["acc_matrix"]) == len(data.SKILLS)
 
 
+def test_cli_lam_overrides_the_preset_lambda_and_is_recorded(tmp_path):
+    from aim_kernels.continual.compare import lam_overrides
+    ov = lam_overrides(["aim=0.5/5/0.25"], ["naive", "aim"])
+    got = ov["aim"]["role_values"]
+    assert [got[r].lam for r in ("vision", "projector", "language")] == [0.5, 5.0, 0.25]
+    assert got["projector"].mask_ratio == 0.05 and got["vision"].mask_ratio == 0.01   # the preset's masks
+    for bad, why in ((["aim=1/2"], "expected METHOD"), (["aim"], "expected METHOD"), (["ewc=1/1/1"], "not a"),
+                     (["naive=1/1/1"], "not a"), (["aim=a/1/1"], "numbers"), (["aim=1/-1/1"], "lam"),
+                     (["aim=1/1/1", "aim=2/2/2"], "twice")):
+        with pytest.raises(ValueError, match=why):
+            lam_overrides(bad, ["naive", "aim"])
+    out = tmp_path / "run"
+    assert cli.main(["run", "--method", "aim", "--lam", "aim=0.5/5/0.25", "--steps", "1", "--batch", "4",
+                     "--pretrain-steps", "1", "--cache", str(tmp_path / "c"), "--no-progress",
+                     "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["overrides"]["aim"]["role_values"]["projector"] == [0.05, 0.0, 5.0]
+    assert s["config"]["presets"]["aim"]["roles"]["language"] == [0.01, 0.0, 0.25]
+    assert "`aim` lambda vision / projector / language = 0.5 / 5 / 0.25" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--methods", "naive,aim", "--lam", "mm-ewc=1/1/1", "--steps", "1"])
+
+
 def test_contribution_matrices_and_order(rc):
     model, _ = make_model(TINY, 0, cache=rc.cache)
     bench = data.make_benchmark(0, 8, 32, 8)

@@ -55,3 +55,38 @@ def test_shipped_presets_are_the_committed_picks():
             else:
                 assert getattr(cfg, key) == value, (method, key)
         assert rows[(method, label)]["learnt_all"] == (method in sweep["picked"]), (method, label)
+
+
+def test_scaled_grid_scales_the_shipped_lambdas_and_keeps_the_masks():
+    grid = tune.scaled_grid(["mm-ewc", "aim"], [0.1, 1.0])
+    assert [(m, lab) for m, lab, _ in grid] == [
+        ("naive", "-"), ("mm-ewc", "lam=0.3/3/0.3"), ("mm-ewc", "lam=3/30/3"),
+        ("aim", "rho=0.01/0.05/0.01 lam=1/10/1"), ("aim", "rho=0.01/0.05/0.01 lam=10/100/10")]
+    shipped = ak.preset("aim").role_values
+    for m, _, ov in grid[1:]:
+        cfg = ak.preset(m, **ov)           # a valid config
+        assert all(cfg.role_values[r].mask_ratio == ak.preset(m).role_values[r].mask_ratio
+                   for r in cfg.role_values)
+    got = grid[3][2]["role_values"]
+    assert {r: v.lam for r, v in got.items()} == {r: v.lam * 0.1 for r, v in shipped.items()}
+    with pytest.raises(ValueError, match="no lambda"):
+        tune.scaled_grid(["merge"], [0.1])
+
+
+def test_tune_on_a_data_folder(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    from aim_kernels.continual.taskfolder import write_photo_tasks
+    folder = write_photo_tasks(tmp_path / "tasks", n_train=12, n_test=6, tasks=("colour", "where"))
+    out = tmp_path / "sweep.json"
+    tune.main(["--data", str(folder), "--only", "aim", "--scales", "0.1", "--steps", "2",
+               "--pretrain-steps", "2", "--cache", str(tmp_path / "c"), "--out", str(out)])
+    s = json.loads(out.read_text())
+    assert s["skills"] == ["colour", "where"] and s["lr"] == 1e-3 and s["pretrain_steps"] == 2
+    assert s["data"]["source"].startswith("manifest:") and len(s["data"]["hash"]) == 16
+    rows = {(r["method"], r["label"]): r for r in s["candidates"]}
+    assert set(rows) == {("naive", "-"), ("aim", "rho=0.01/0.05/0.01 lam=1/10/1")}
+    assert len(rows[("naive", "-")]["diagonal"]) == 2
+    assert rows[("aim", "rho=0.01/0.05/0.01 lam=1/10/1")]["overrides"]["role_values"]["projector"]["lam"] == 10
+    with pytest.raises(SystemExit):              # --data never writes over the generated sweep
+        tune.main(["--data", str(folder), "--steps", "2"])

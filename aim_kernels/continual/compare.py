@@ -178,8 +178,9 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
                    "task_orders": [list(o) for o in dict.fromkeys(tuple(r["order"]) for r in first)],
                    "steps_per_task": rc.steps, "joint_factor": rc.joint_factor,
                    "batch": rc.batch, "lr": rc.lr, "model": asdict(rc.spec), "parameters": counts,
-                   "checkpoint": rc.checkpoint, "skills": list(skills), "overrides": overrides or {},
-                   "presets": {m: _preset_values(m) for m in methods if m != "joint"},
+                   "checkpoint": rc.checkpoint, "skills": list(skills),
+                   "overrides": {m: _jsonable(ov) for m, ov in (overrides or {}).items()},
+                   "presets": {m: _preset_values(m, (overrides or {}).get(m)) for m in methods if m != "joint"},
                    "held_out": ({k: list(v) for k, v in data.HELD_OUT.items()} if taskset is None else None)},
         "methods": {m: aggregate(runs[m]) for m in methods if m != "joint"},
         "paired_vs_naive": paired_differences(runs),
@@ -203,12 +204,19 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     return summary
 
 
-def _preset_values(method: str) -> dict:
-    """The preset's non-default fields and per-role (rho, kappa, lambda), for the record."""
+def _jsonable(ov: dict) -> dict:
+    """AIMConfig overrides for summary.json (RoleValues as [rho, kappa, lambda] per role)."""
+    return {k: ({r: [v.mask_ratio, v.keep, v.lam] for r, v in x.items()} if k == "role_values" else x)
+            for k, x in ov.items()}
+
+
+def _preset_values(method: str, overrides: dict | None = None) -> dict:
+    """The run's config (the preset with ``overrides``): its non-default fields and per-role
+    (rho, kappa, lambda), for the record."""
     import dataclasses
 
     import aim_kernels as ak
-    cfg, base = ak.preset(method), ak.AIMConfig()
+    cfg, base = ak.preset(method, **(overrides or {})), ak.AIMConfig()
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
            if f.name not in ("role_values", "state_dtype", "groups")
            and getattr(cfg, f.name) != getattr(base, f.name)}
@@ -261,6 +269,38 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="task data from files instead of the generated benchmark (see taskdata.py)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a local HF tokenizer folder for --data (default: word-level from the training files)")
+    p.add_argument("--lam", action="append", default=[], metavar="METHOD=V/P/L",
+                   help="replace METHOD's preset lambda of the vision / projector / language groups "
+                        "(mask ratio and keep as shipped); repeatable, e.g. --lam aim=3/30/3")
+
+
+def lam_overrides(specs: list[str], methods) -> dict:
+    """``--lam METHOD=V/P/L`` -> ``{method: {"role_values": ...}}``: the shipped preset's
+    per-role values with lambda replaced. Raises ValueError naming the bad item."""
+    from aim_kernels.config import ROLES, RoleValues
+
+    import aim_kernels as ak
+    out = {}
+    for spec in specs:
+        method, eq, vals = spec.partition("=")
+        parts = vals.split("/")
+        if not eq or len(parts) != len(ROLES):
+            raise ValueError(f"--lam {spec!r}: expected METHOD={'/'.join(r[0].upper() for r in ROLES)} "
+                             f"(lambda of the {', '.join(ROLES)} groups)")
+        if method not in methods or method in ("naive", "joint"):
+            raise ValueError(f"--lam {spec!r}: {method!r} is not a regularising method of this run "
+                             f"({', '.join(m for m in methods if m not in ('naive', 'joint'))})")
+        if method in out:
+            raise ValueError(f"--lam {spec!r}: {method!r} given twice")
+        try:
+            lams = [float(x) for x in parts]
+        except ValueError:
+            raise ValueError(f"--lam {spec!r}: lambda must be numbers") from None
+        base = ak.preset(method).role_values
+        roles = {r: RoleValues(mask_ratio=base[r].mask_ratio, keep=base[r].keep, lam=x) for r, x in zip(ROLES, lams)}
+        ak.preset(method, role_values=roles)       # validates (finite, >= 0)
+        out[method] = {"role_values": roles}
+    return out
 
 
 # --data: the answer-free warm-up trains the vision tower alone (~10 ms a step at batch 64)
@@ -315,11 +355,15 @@ def compare_main(argv=None) -> dict:
     if bad:
         p.error(f"unknown method {bad[0]!r}; choose from {ALL}")
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else PRESETS[args.preset]["seeds"]
+    try:
+        overrides = lam_overrides(args.lam, methods)
+    except ValueError as e:
+        p.error(str(e))
     deps.require(lora=args.lora > 0)
     rc = _rc(args)
     ts = _taskset(args)
     summary = compare(methods, seeds, args.out, rc, args.orders, args.order, args.preset,
-                      jobs=args.jobs, taskset=ts)
+                      overrides=overrides, jobs=args.jobs, taskset=ts)
     print((Path(args.out) / "report.md").read_text())
     return summary
 
@@ -331,16 +375,20 @@ def run_main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="also write summary.json / report.md / plots here")
     _common(p)
     args = p.parse_args(argv)
+    try:
+        overrides = lam_overrides(args.lam, [args.method])
+    except ValueError as e:
+        p.error(str(e))
     deps.require(lora=args.lora > 0)
     rc = _rc(args)
     ts = _taskset(args)
     if args.out:
         return compare([args.method], [args.seed], args.out, rc, args.orders, args.order, "run",
-                       taskset=ts)
+                       overrides=overrides, taskset=ts)
     bench = ts if ts is not None else data.make_benchmark(args.seed)
     result = None
     for o in task_orders(args.seed, args.orders, args.order, skills=tuple(bench.train), rc=rc, bench=bench):
-        result = run_method(args.method, bench, o, args.seed, rc)
+        result = run_method(args.method, bench, o, args.seed, rc, overrides.get(args.method))
         print(f"{args.method} seed {args.seed}, order {o}")
         for row in result["acc_matrix"]:
             print("  " + " ".join(f"{x:6.1f}" for x in row))

@@ -112,6 +112,11 @@ def write_report(summary: dict, runs: dict, out: Path) -> None:
              "AdamW). Last and BWT are MCITlib's: Last = mean of the last row (the same number "
              "as AP); BWT = mean over tasks but the last of (final accuracy - accuracy right after "
              "training it).", ""]
+    ov = {m: o["role_values"] for m, o in cfg.get("overrides", {}).items() if "role_values" in o}
+    if ov:
+        lines += ["Presets overridden (`--lam`): " + "; ".join(
+            f"`{m}` lambda vision / projector / language = " + " / ".join(f"{v[2]:g}" for v in rv.values())
+            for m, rv in ov.items()) + " (mask ratio and keep as shipped).", ""]
     data = summary.get("data") or {}
     if data.get("hash"):
         lines += [f"Data: `{data['source']}`, hash {data['hash']}, tasks (train/test examples): "

@@ -10,6 +10,13 @@ candidate is recorded under ``"no_pick"`` with the reason and the candidate kept
 for its preset (fewest unlearnt tasks, then highest AP). ``--part k/n`` runs every
 n-th candidate; ``--merge`` joins part files.
 
+``--data DIR`` sweeps on task data from files instead (a LLaVA-format folder, as
+``compare --data``: the answer-free warm-up, lr 1e-3 unless ``--lr``), and ``--scales
+0.1,0.3,1`` replaces ``GRID`` by each ``--only`` method's shipped preset with every
+group's lambda multiplied by each factor (rho and kappa kept), e.g. ``python -m
+aim_kernels.continual.tune --data DIR --only mm-ewc,aim --scales 0.1,0.3,1 --out F``.
+A pick there is passed to ``compare`` with ``--lam METHOD=V/P/L``.
+
 Why this grid (round 3): under AdamW the update is the sign-like ``m / sqrt(v)`` of
 ``g + r``, so once the regulariser ``r = lambda * s * d`` (``s`` has mean 1 per group
 when ``normalize``) is much larger than the task gradient ``g``, every element is held
@@ -26,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+import aim_kernels as ak
 from aim_kernels.config import ROLES, RoleValues
 
 from . import data
@@ -65,15 +73,45 @@ GRID += [("aim", f"rho={r[0]:g}/{r[1]:g}/{r[0]:g} lam={x:g}/{10 * x:g}/{x:g}",
 GRID += [("merge", "align_every=300", {"align_every": 300}), ("mas", "lam=30", {"role_values": _same(30)})]
 
 
+def _lam_label(roles: dict) -> str:
+    lam = "/".join(f"{roles[r].lam:g}" for r in ROLES)
+    rho = "/".join(f"{roles[r].mask_ratio:g}" for r in ROLES)
+    return (f"rho={rho} " if any(roles[r].mask_ratio for r in ROLES) else "") + f"lam={lam}"
+
+
+def scaled_grid(methods, scales) -> list[tuple[str, str, dict]]:
+    """naive, then per method its shipped preset with every group's lambda times each
+    scale (mask ratio and keep as shipped); labels as ``GRID``'s (``lam=V/P/L``, with
+    ``rho=...`` first where the preset masks)."""
+    grid = [("naive", "-", {})]
+    for m in methods:
+        if m == "naive":
+            continue
+        base = ak.preset(m).role_values
+        if not any(v.lam for v in base.values()):
+            raise ValueError(f"--scales: preset {m!r} has no lambda to scale")
+        for f in scales:
+            roles = {r: RoleValues(mask_ratio=v.mask_ratio, keep=v.keep, lam=v.lam * f) for r, v in base.items()}
+            grid.append((m, _lam_label(roles), {"role_values": roles}))
+    return grid
+
+
 def _jsonable(ov: dict) -> dict:
     return {k: ({r: {f: getattr(x, f) for f in x.__dataclass_fields__} for r, x in v.items()}
                 if k == "role_values" else v) for k, v in ov.items()}
 
 
-def _one(method, label, ov, steps, lr, cache):
+def _one(method, label, ov, steps, lr, cache, taskset=None, pretrain_steps=None):
     torch.set_num_threads(1)
     rc = RunConfig(steps=steps, lr=lr, progress=False, cache=cache)
-    r = run_method(method, data.make_benchmark(0), data.SKILLS, 0, rc, ov)
+    if taskset is not None:
+        # compare --data's model: the same spec, so the warm-up cache is shared with it
+        from .compare import DATA_WARMUP_STEPS
+        from .model import model_spec
+        rc.spec = model_spec("tiny", pretrain_steps=pretrain_steps or DATA_WARMUP_STEPS)
+        r = run_method(method, taskset, tuple(taskset.train), 0, rc, ov)
+    else:
+        r = run_method(method, data.make_benchmark(0), data.SKILLS, 0, rc, ov)
     return {"method": method, "label": label, "overrides": _jsonable(ov),
             "ap": round(r["ap"], 2), "af": round(r["af"], 2), "novel": round(r["novel"], 2),
             "learnt_all": not r["unlearnt"], "unlearnt": [u["task"] for u in r["unlearnt"]],
@@ -83,25 +121,54 @@ def _one(method, label, ov, steps, lr, cache):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="benchmarks/results/continual/tuning_seed0.json")
+    p.add_argument("--out", default=None,
+                   help="default benchmarks/results/continual/tuning_seed0.json (required with --data)")
     p.add_argument("--part", default="0/1")
     p.add_argument("--steps", type=int, default=RunConfig.steps)
-    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--lr", type=float, default=None, help=f"default {LR:g} (--data: 1e-3)")
+    p.add_argument("--data", default=None, metavar="DIR", help="task data from files (as compare --data)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="--data: warm-up steps (default compare's, so its cache is shared)")
+    p.add_argument("--scales", default=None,
+                   help="comma-separated factors: candidates are the --only methods' presets with lambda scaled")
     p.add_argument("--jobs", type=int, default=1, help="candidates in parallel processes (1 thread each)")
     p.add_argument("--cache", default=None)
     p.add_argument("--only", default=None, help="comma-separated methods (naive is always run)")
     p.add_argument("--merge", nargs="*", default=None, help="part files to join into --out")
     p.add_argument("--resume", action="store_true", help="keep --out's rows and run only the missing candidates")
     args = p.parse_args(argv)
+    taskset = None
+    if args.data:
+        from .compare import DATA_LR
+        from .taskdata import TaskDataError, load
+        if args.out is None:
+            p.error("--data needs --out (tuning_seed0.json is the generated benchmark's sweep)")
+        try:
+            taskset = load(args.data)
+        except TaskDataError as e:
+            p.error(f"bad --data: {e}")
+    if args.out is None:
+        args.out = "benchmarks/results/continual/tuning_seed0.json"
+    if args.lr is None:
+        args.lr = DATA_LR if taskset is not None else LR
+    grid = GRID
+    if args.scales:
+        if not args.only:
+            p.error("--scales needs --only (the methods whose presets are scaled)")
+        grid = scaled_grid(args.only.split(","), [float(x) for x in args.scales.split(",")])
     meta = {"steps_per_task": args.steps, "lr": args.lr,
             "command": "python -m aim_kernels.continual.tune " + " ".join(argv if argv is not None else
                                                                          __import__("sys").argv[1:])}
+    if taskset is not None:
+        meta.update(data={"source": taskset.source, "hash": taskset.data_hash}, skills=list(taskset.train))
+        if args.pretrain_steps:
+            meta["pretrain_steps"] = args.pretrain_steps
     if args.merge is not None:
         rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["candidates"]]
         write(rows, args.out, meta)
         return
     k, n = (int(x) for x in args.part.split("/"))
-    grid = [g for i, g in enumerate(GRID) if i % n == k
+    grid = [g for i, g in enumerate(grid) if i % n == k
             and (not args.only or g[0] in args.only.split(",") + ["naive"])]
     rows = []
     if args.resume and Path(args.out).exists():
@@ -122,12 +189,13 @@ def main(argv=None) -> None:
         import concurrent.futures as cf
         import multiprocessing as mp
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(_one, m, lab, ov, args.steps, args.lr, args.cache) for m, lab, ov in grid]
+            futs = [pool.submit(_one, m, lab, ov, args.steps, args.lr, args.cache, taskset,
+                                 args.pretrain_steps) for m, lab, ov in grid]
             for f in cf.as_completed(futs):
                 done(f.result())
     else:
         for m, lab, ov in grid:
-            done(_one(m, lab, ov, args.steps, args.lr, args.cache))
+            done(_one(m, lab, ov, args.steps, args.lr, args.cache, taskset, args.pretrain_steps))
 
 
 CRITERION = ("highest AP among the candidates that learn every task (learnt-task check) and "
@@ -161,7 +229,7 @@ def write(rows, out, meta: dict) -> None:
     picked, no_pick = pick(rows)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({
-        "seed": 0, "model": "tiny", "criterion": CRITERION, **meta, "skills": list(data.SKILLS),
+        "seed": 0, "model": "tiny", "criterion": CRITERION, "skills": list(data.SKILLS), **meta,
         "candidates": rows, "picked": picked, "no_pick": no_pick}, indent=1))
 
 
