@@ -524,7 +524,7 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
       });
   }
   std::vector<std::pair<const uint32_t*, size_t>> held;
-  std::vector<uint32_t> hist;
+  std::vector<uint32_t> hist, bin;
   for (int64_t g = 0; g < G; ++g) {
     if (!on[size_t(g)]) continue;
     int64_t above = 0, at_lo = 0, kept = 0;
@@ -544,7 +544,7 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
     if (k <= 0 || overflow) continue;
     if (above < k && k <= above + kept)              // inside (lo, hi]
       st[g] = select::State{
-          window::kth_of(held, k - above, w[size_t(g)].lo, w[size_t(g)].hi, hist), 0};
+          window::kth_of(held, k - above, w[size_t(g)].lo, w[size_t(g)].hi, hist, bin), 0};
     else if (above + kept < k && k <= above + kept + at_lo)   // equal to lo
       st[g] = select::State{w[size_t(g)].lo, 0};
     // else: the window missed; the radix passes select this group
