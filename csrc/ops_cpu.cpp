@@ -474,6 +474,10 @@ bool collect_pass1(const T* __restrict x, int64_t lo, int64_t hi, uint32_t prefi
 // one streaming pass (select_window_cpu.h): a settled group gets st[g] = {its k-th
 // largest, 0}; one whose window missed keeps its state for the radix passes. Their sums
 // are added into `sums` (per thread and group, as pass 0 would) and marked in `summed`.
+// One parallel region: the groups' samples (a group per thread at a time), then each
+// thread's contiguous range of the stream, which also counts the histogram of the bits
+// it keeps; the selects among the kept (a walk of the summed histograms and one bin's
+// bits) follow on the calling thread.
 template <typename T>
 void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double* sums,
                   std::vector<char>& summed) {
@@ -481,28 +485,53 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
   const int64_t G = a.groups, rows = int64_t(threads) * G;
   const bool want_sum = a.inv_scale && a.normalize;
   std::vector<window::Bounds> w(static_cast<size_t>(G));
+  std::vector<window::Bins> bins(static_cast<size_t>(G));
   std::vector<char> on(static_cast<size_t>(G), 0);
-  thread_local std::vector<uint32_t> sample_cache;
-  bool any = false;
+  std::vector<int64_t> sampled;          // groups with k > 0: a sample and a histogram
+  std::vector<int64_t> slot(static_cast<size_t>(G), -1);   // their index in `sampled`
   for (int64_t g = 0; g < G; ++g) {
     const int64_t n = a.offsets[g + 1] - a.offsets[g], k = st[g].remaining;
     if (n < window::kMinGroup || (k <= 0 && !want_sum)) continue;
-    // k = 0 with a sum to take: an empty window (nothing is > lo and <= hi)
-    w[size_t(g)] = k > 0 ? window::bounds_of(x + a.offsets[g], n, k, sample_cache)
-                         : window::Bounds{0xFFFFFFFFu, 0xFFFFFFFFu, 0.0};
     on[size_t(g)] = 1;
-    any = true;
+    if (k > 0) {
+      slot[size_t(g)] = int64_t(sampled.size());
+      sampled.push_back(g);
+    } else {   // k = 0 with a sum to take: an empty window (nothing is > lo and <= hi)
+      w[size_t(g)] = window::Bounds{0xFFFFFFFFu, 0xFFFFFFFFu, 0.0};
+    }
   }
-  if (!any) return;
-  // Per (thread, group) row: the kept bits. Held by the calling thread between calls,
-  // as cand_cache below (used through a reference inside the region).
+  if (std::find(on.begin(), on.end(), 1) == on.end()) return;
+  const int64_t S = int64_t(sampled.size());
+  // Per (thread, group) row: the kept bits; per (thread, sampled group): their histogram.
+  // Held by the calling thread between calls, as cand_cache below (used through a
+  // reference inside the region).
   thread_local std::vector<std::vector<uint32_t>> buf_cache;
+  thread_local std::vector<uint32_t> hist_cache;
   std::vector<std::vector<uint32_t>>& buf = buf_cache;
+  std::vector<uint32_t>& hist = hist_cache;
   if (buf.size() < size_t(rows)) buf.resize(size_t(rows));
+  try {
+    hist.resize(size_t(threads) * size_t(S) * window::kKthBins);
+  } catch (const std::bad_alloc&) {
+    return;   // no window: the radix passes select every group
+  }
   std::vector<window::Part> parts(static_cast<size_t>(rows));
 #pragma omp parallel num_threads(threads) if (a.n >= kSerialBelow)
   {
     const int t = omp_get_thread_num(), team = omp_get_num_threads();
+    // each worker's own (a thread_local named inside the region)
+    thread_local std::vector<uint32_t> sample;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < S; ++i) {
+      const int64_t g = sampled[size_t(i)];
+      try {   // no exception may leave the region
+        w[size_t(g)] = window::bounds_of(x + a.offsets[g], a.offsets[g + 1] - a.offsets[g],
+                                         st[g].remaining, sample);
+        bins[size_t(g)] = window::bins_of(w[size_t(g)].lo, w[size_t(g)].hi);
+      } catch (const std::bad_alloc&) {
+        on[size_t(g)] = 0;   // the radix passes select it (and take its sum)
+      }
+    }   // implicit barrier: every window is known
     const int64_t lo = a.n * t / team, hi = a.n * (t + 1) / team;
     alignas(64) uint32_t spare[window::kStretch + 16];
     if (lo < hi)
@@ -520,16 +549,21 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
         } catch (const std::bad_alloc&) {
           cap = 0;   // counts and sum only; the group falls back to the radix passes
         }
-        window::stream(x, s, e, wg, want_sum, out, cap, parts[size_t(row)]);
+        const int64_t sl = slot[size_t(g)];
+        uint32_t* h = sl >= 0 ? hist.data() + (size_t(t) * size_t(S) + size_t(sl)) * window::kKthBins
+                              : nullptr;
+        window::stream(x, s, e, wg, want_sum, out, cap, parts[size_t(row)], h,
+                       bins[size_t(g)]);
       });
   }
   std::vector<std::pair<const uint32_t*, size_t>> held;
-  std::vector<uint32_t> hist, bin;
+  std::vector<uint32_t> total(window::kKthBins), bin;
   for (int64_t g = 0; g < G; ++g) {
     if (!on[size_t(g)]) continue;
     int64_t above = 0, at_lo = 0, kept = 0;
     bool overflow = false;
     held.clear();
+    std::fill(total.begin(), total.end(), 0u);
     for (int t = 0; t < threads; ++t) {
       const window::Part& p = parts[size_t(t * G + g)];
       sums[t * G + g] += p.sum;
@@ -538,13 +572,19 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
       kept += int64_t(p.kept);
       overflow = overflow || p.overflow;
       if (p.kept) held.emplace_back(buf[size_t(t * G + g)].data(), p.kept);
+      if (p.histogram && p.kept) {
+        const uint32_t* h =
+            hist.data() + (size_t(t) * size_t(S) + size_t(slot[size_t(g)])) * window::kKthBins;
+        for (int d = 0; d < window::kKthBins; ++d) total[size_t(d)] += h[d];
+      }
     }
     summed[size_t(g)] = want_sum;
     const int64_t k = st[g].remaining;
     if (k <= 0 || overflow) continue;
     if (above < k && k <= above + kept)              // inside (lo, hi]
-      st[g] = select::State{
-          window::kth_of(held, k - above, w[size_t(g)].lo, w[size_t(g)].hi, hist, bin), 0};
+      st[g] = select::State{window::kth_of(total.data(), held, k - above, bins[size_t(g)],
+                                           w[size_t(g)].hi, bin),
+                            0};
     else if (above + kept < k && k <= above + kept + at_lo)   // equal to lo
       st[g] = select::State{w[size_t(g)].lo, 0};
     // else: the window missed; the radix passes select this group
@@ -558,6 +598,7 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
     held_total += b.capacity();
   }
   if (held_total > 4 * kRetain) std::vector<std::vector<uint32_t>>().swap(buf);
+  if (hist.capacity() > kRetain) std::vector<uint32_t>().swap(hist);
 }
 
 // The k-th largest |x| of every group at once (DESIGN.md 2). Groups of at least

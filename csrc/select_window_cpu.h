@@ -9,8 +9,8 @@
 //     elements above U and those equal to L, and keeps the bits of those in (L, U]
 //     (~2-3% of the group) in a buffer; the group sum for c_g is taken in the same pass.
 //  3. If the counts show the k-th largest inside the window, it is selected exactly
-//     among the kept bits (kth_of: a histogram over the window, then the one bin that
-//     holds the rank); otherwise
+//     among the kept bits (kth_of: a histogram over the window, counted in the pass,
+//     then the one bin that holds the rank); otherwise
 //     (a window the sample misplaced, or one holding more than its cap) the caller
 //     falls back to the radix passes over the whole group.
 //
@@ -102,7 +102,22 @@ struct Part {
   size_t kept = 0;            // bits in (lo, hi], stored in the part's buffer
   bool overflow = false;      // more than the cap were in the window: not usable
   double sum = 0;             // of the values (for c_g), when asked
+  bool histogram = false;     // the part's histogram of the kept bits was counted
 };
+
+// The bins of the kept bits' histogram (kth_of): kKthBins bins over the window (lo, hi],
+// bin = (bits - lo - 1) >> shift, the smallest shift that fits.
+constexpr int kKthBins = 2048;
+struct Bins {
+  uint32_t first;             // lo + 1, the smallest bit pattern in the window
+  int shift;
+};
+inline Bins bins_of(uint32_t lo, uint32_t hi) {
+  const uint64_t span = uint64_t(hi) - uint64_t(lo);   // patterns in (lo, hi], >= 1
+  int shift = 0;
+  while (((span - 1) >> shift) >= uint64_t(kKthBins)) ++shift;
+  return Bins{lo + 1, shift};
+}
 
 constexpr int64_t kStretch = 2048;      // elements between two checks of the cap
 // Software prefetch of the streaming pass, into L2 (prefetcht1), 4 KiB ahead, every
@@ -122,19 +137,27 @@ AIM_HD void prefetch_at(const T* x, int64_t i) {
 }
 
 // Streams x[lo, hi): counts into `part`, keeps the window's bits in `buf` (room for cap
-// + kStretch + 16 entries), adds the values into part.sum when `with_sum`.
+// + kStretch + 16 entries), adds the values into part.sum when `with_sum`. With `hist`
+// (kKthBins counts, zeroed here) it also counts the kept bits into their bins, a stretch
+// at a time while they are in L1: scalar work that overlaps the vector loop's wait on
+// memory (one thread, 2^24 fp32 from DRAM: the pass alone 6.7 ms, with the histogram
+// counted inside 6.9-7.1 ms, with it as a pass of its own after 7.3-7.4 ms; load 4.7
+// on 2 cores).
 template <typename T>
 void stream(const T* __restrict x, int64_t lo, int64_t hi, const Bounds& w, bool with_sum,
-            uint32_t* __restrict buf, size_t cap, Part& part) {
+            uint32_t* __restrict buf, size_t cap, Part& part, uint32_t* __restrict hist,
+            Bins bins) {
   const uint32_t wl = w.lo, wh = w.hi;
   int64_t above = 0, at_lo = 0;
   size_t used = 0;
   bool overflow = false;
   double sum = 0;
+  if (hist) std::fill(hist, hist + kKthBins, 0u);
   // elements per 64-byte line: one prefetch each
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
   for (int64_t base = lo; base < hi; base += kStretch) {
     const int64_t end = std::min(hi, base + kStretch);
+    const size_t start = used;
     int64_t i = base;
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float>) {
@@ -183,61 +206,41 @@ void stream(const T* __restrict x, int64_t lo, int64_t hi, const Bounds& w, bool
       overflow = true;
       used = 0;
     }
+    if (hist && !overflow)
+      for (size_t j = start; j < used; ++j) ++hist[(buf[j] - bins.first) >> bins.shift];
   }
   part.above += above;
   part.at_lo += at_lo;
   part.kept = overflow ? 0 : used;
   part.overflow = part.overflow || overflow;
   part.sum += sum;
+  part.histogram = hist != nullptr;
 }
 
 // The k-th largest (1-based) of the bits held in `parts` (pointer, count), all in
-// (lo, hi]. One histogram pass over the kept bits with kKthBins bins spanning the window
-// (bin = (bits - lo - 1) >> shift, the smallest shift that fits), in four
-// sub-histograms, one per element of an unrolled four, so that equal bins in a row (ties)
-// do not wait on each other; the walk from the top bin finds the bin of the rank; a
-// second pass copies that bin's bits (~1/kKthBins of the kept, all of them where ties
-// fill it) and nth_element picks the rank among them. A shift of 0 (a window of at most
-// kKthBins bit patterns) needs no second pass. It replaced the radix select of select.h
-// over the kept (two or three passes with a prefix test each): the benchmark's three
-// groups (527k kept bits) took 1.67 ms, now 0.29 ms, one thread.
-constexpr int kKthBins = 2048;
-
-inline uint32_t kth_of(const std::vector<std::pair<const uint32_t*, size_t>>& parts,
-                       int64_t k, uint32_t lo, uint32_t hi, std::vector<uint32_t>& hist,
-                       std::vector<uint32_t>& bin) {
-  constexpr int kSub = 4;
-  const uint32_t first = lo + 1;                      // the smallest pattern in (lo, hi]
-  const uint64_t span = uint64_t(hi) - uint64_t(lo);  // patterns in (lo, hi], >= 1
-  int shift = 0;
-  while (((span - 1) >> shift) >= uint64_t(kKthBins)) ++shift;
-  hist.assign(size_t(kSub) * kKthBins, 0u);
-  uint32_t* h = hist.data();
-  for (const auto& p : parts) {
-    const uint32_t* b = p.first;
-    const size_t n = p.second;
-    size_t j = 0;
-    for (; j + kSub <= n; j += kSub)
-      for (int u = 0; u < kSub; ++u) ++h[u * kKthBins + ((b[j + u] - first) >> shift)];
-    for (; j < n; ++j) ++h[(b[j] - first) >> shift];
-  }
-  auto count = [&](int d) {
-    int64_t c = 0;
-    for (int u = 0; u < kSub; ++u) c += h[u * kKthBins + d];
-    return c;
-  };
+// (lo, hi], from `hist`, their counts per bin of `bins` (stream counts them): the walk
+// from the top bin finds the bin of the rank; one pass copies that bin's bits (~1/kKthBins
+// of the kept, all of them where ties fill it) and nth_element picks the rank among
+// them. A shift of 0 (a window of at most kKthBins bit patterns) needs no copy. It
+// replaced the radix select of select.h over the kept (two or three passes with a prefix
+// test each): the benchmark's three groups (527k kept bits) took 1.67 ms, 0.29 ms with
+// this histogram as a pass of its own, one thread.
+inline uint32_t kth_of(const uint32_t* hist,
+                       const std::vector<std::pair<const uint32_t*, size_t>>& parts,
+                       int64_t k, Bins bins, uint32_t hi, std::vector<uint32_t>& bin) {
   int64_t above = 0;
   int d = kKthBins - 1;
-  while (d > 0 && above + count(d) < k) {
-    above += count(d);
+  while (d > 0 && above + int64_t(hist[d]) < k) {
+    above += int64_t(hist[d]);
     --d;
   }
   const int64_t rank = k - above;                     // 1-based, descending, in bin d
-  const uint32_t b_lo = first + (uint32_t(d) << shift);
-  if (shift == 0) return b_lo;                        // one pattern per bin
+  const uint32_t b_lo = bins.first + (uint32_t(d) << bins.shift);
+  if (bins.shift == 0) return b_lo;                   // one pattern per bin
   // the bin's last pattern; every kept bit is <= hi (b_lo + 2^shift - 1 may pass 2^32)
-  const uint32_t b_hi = uint32_t(std::min<uint64_t>(uint64_t(b_lo) + (uint64_t(1) << shift) - 1, hi));
-  const size_t m = size_t(count(d));
+  const uint32_t b_hi =
+      uint32_t(std::min<uint64_t>(uint64_t(b_lo) + (uint64_t(1) << bins.shift) - 1, hi));
+  const size_t m = size_t(hist[d]);
   bin.resize(m + 16);
   size_t got = 0;
   for (const auto& p : parts) {
