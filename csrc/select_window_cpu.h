@@ -103,6 +103,7 @@ struct Part {
   bool overflow = false;      // more than the cap were in the window: not usable
   double sum = 0;             // of the values (for c_g), when asked
   bool histogram = false;     // the part's histogram of the kept bits was counted
+  bool streamed = false;      // stream ran over this part
 };
 
 // The bins of the kept bits' histogram (kth_of): kKthBins bins over the window (lo, hi],
@@ -215,6 +216,7 @@ void stream(const T* __restrict x, int64_t lo, int64_t hi, const Bounds& w, bool
   part.overflow = part.overflow || overflow;
   part.sum += sum;
   part.histogram = hist != nullptr;
+  part.streamed = true;
 }
 
 // The k-th largest (1-based) of the bits held in `parts` (pointer, count), all in
