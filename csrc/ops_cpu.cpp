@@ -552,7 +552,7 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
         uint32_t* h = sl >= 0 ? hist.data() + (size_t(t) * size_t(S) + size_t(sl)) * window::kKthBins
                               : nullptr;
         window::stream(x, s, e, wg, want_sum, out, cap, parts[size_t(row)], h,
-                       window::bins_of(wg.lo, wg.hi));
+                       window::bins_of(wg));
       });
   }
   std::vector<std::pair<const uint32_t*, size_t>> held;
@@ -586,11 +586,11 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
     summed[size_t(g)] = want_sum;
     const int64_t k = st[g].remaining;
     if (k <= 0 || overflow || !wg) continue;
-    if (above < k && k <= above + kept)              // inside (lo, hi]
+    if (above < k && k <= above + kept)              // among the kept
       st[g] = select::State{window::kth_of(total.data(), held, k - above,
-                                           window::bins_of(wg->lo, wg->hi), wg->hi, bin),
+                                           window::bins_of(*wg), wg->hi, bin),
                             0};
-    else if (above + kept < k && k <= above + kept + at_lo)   // equal to lo
+    else if (above + kept < k && k <= above + kept + at_lo)   // equal to lo (at_lo 0 when lean)
       st[g] = select::State{wg->lo, 0};
     // else: the window missed; the radix passes select this group
   }
