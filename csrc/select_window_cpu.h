@@ -7,7 +7,7 @@
 //     probability (the sample ranks k s / n -+ 4 sigma + 8).
 //  2. One streaming pass that only compares (whole vectors, memory-bound): counts the
 //     elements above U and those equal to L, and keeps the bits of those in (L, U]
-//     (~2-3% of the group) in a buffer; the group sum for c_g is taken in the same pass.
+//     (~4-6% of the group) in a buffer; the group sum for c_g is taken in the same pass.
 //  3. If the counts show the k-th largest inside the window, it is selected exactly
 //     among the kept bits (kth_of: a histogram over the window, counted in the pass,
 //     then the one bin that holds the rank); otherwise
@@ -38,7 +38,13 @@ inline namespace AIM_CPU_NS {
 namespace window {
 
 constexpr int64_t kMinGroup = int64_t(1) << 16;   // smaller groups: the radix passes
-constexpr int64_t kMaxSample = int64_t(1) << 13;
+// At most 4096 places: from DRAM each costs a miss of its own (the benchmark's three
+// groups, one thread: 8192 places each 0.68-0.90 ms, 4096 0.43-0.57 ms, runs at load
+// 2-4 with a 128 MiB copy before each), while the window,
+// and the share of the group kept, widen only by sqrt(2) (there 2.7-4.1% -> 4.1-5.8%).
+// One thread, _C alone, interleaved with the benchmark's copies (load 2.4): 7.95 / 7.83
+// / 8.28 / 7.78 ms with 8192, 7.78 / 7.78 / 8.19 / 7.62 ms with 4096.
+constexpr int64_t kMaxSample = int64_t(1) << 12;
 
 struct Bounds {
   uint32_t lo, hi;            // the window: candidates have lo < bits <= hi
