@@ -144,7 +144,7 @@ def test_select_and_consolidate_vs_copy(benchmark, op):
     radix_passes = 3
     if op == "group_thresholds":
         # Ω read (4 bytes per element) once on the CPU, where every group here is large
-        # enough for the sampled window (a sample and the ~2-3% it keeps: not counted);
+        # enough for the sampled window (a sample and the ~4-6% it keeps: not counted);
         # three times by the radix select (CUDA, small groups, a missed window)
         passes = 1 if BACKEND == "cpu" else radix_passes
         pass_bytes = 4

@@ -474,42 +474,71 @@ bool collect_pass1(const T* __restrict x, int64_t lo, int64_t hi, uint32_t prefi
 // one streaming pass (select_window_cpu.h): a settled group gets st[g] = {its k-th
 // largest, 0}; one whose window missed keeps its state for the radix passes. Their sums
 // are added into `sums` (per thread and group, as pass 0 would) and marked in `summed`.
+// One parallel region, no barrier inside: each thread takes the samples of the groups
+// in its contiguous range (a group split between threads is sampled by each, the same
+// places, the same window), then streams its range, counting the histogram of the bits
+// it keeps; the selects among the kept (a walk of the summed histograms and one bin's
+// bits) follow on the calling thread. Samples taken on the calling thread before the
+// region are a serial part of a two-thread call; taken in the region with a barrier
+// before the stream, a busy machine made that wait long (the benchmark's three groups,
+// two threads, interleaved, best of 25, load 4.2-4.4: 10.9 / 8.5 / 11.6 ms wall, on the
+// calling thread 8.6 / 8.7 / 8.7 ms).
 template <typename T>
 void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double* sums,
                   std::vector<char>& summed) {
   const int threads = cpu_threads();
   const int64_t G = a.groups, rows = int64_t(threads) * G;
   const bool want_sum = a.inv_scale && a.normalize;
-  std::vector<window::Bounds> w(static_cast<size_t>(G));
   std::vector<char> on(static_cast<size_t>(G), 0);
-  thread_local std::vector<uint32_t> sample_cache;
-  bool any = false;
+  std::vector<int64_t> slot(static_cast<size_t>(G), -1);   // groups with k > 0: a histogram
+  int64_t S = 0;
   for (int64_t g = 0; g < G; ++g) {
     const int64_t n = a.offsets[g + 1] - a.offsets[g], k = st[g].remaining;
     if (n < window::kMinGroup || (k <= 0 && !want_sum)) continue;
-    // k = 0 with a sum to take: an empty window (nothing is > lo and <= hi)
-    w[size_t(g)] = k > 0 ? window::bounds_of(x + a.offsets[g], n, k, sample_cache)
-                         : window::Bounds{0xFFFFFFFFu, 0xFFFFFFFFu, 0.0};
     on[size_t(g)] = 1;
-    any = true;
+    if (k > 0) slot[size_t(g)] = S++;
   }
-  if (!any) return;
-  // Per (thread, group) row: the kept bits. Held by the calling thread between calls,
-  // as cand_cache below (used through a reference inside the region).
+  if (std::find(on.begin(), on.end(), 1) == on.end()) return;
+  // Per (thread, group) row: the kept bits; per (thread, group with k > 0): their
+  // histogram. Held by the calling thread between calls, as cand_cache below (used
+  // through a reference inside the region).
   thread_local std::vector<std::vector<uint32_t>> buf_cache;
+  thread_local std::vector<uint32_t> hist_cache;
   std::vector<std::vector<uint32_t>>& buf = buf_cache;
+  std::vector<uint32_t>& hist = hist_cache;
   if (buf.size() < size_t(rows)) buf.resize(size_t(rows));
+  try {
+    hist.resize(size_t(threads) * size_t(S) * window::kKthBins);
+  } catch (const std::bad_alloc&) {
+    return;   // no window: the radix passes select every group
+  }
   std::vector<window::Part> parts(static_cast<size_t>(rows));
+  std::vector<window::Bounds> w(static_cast<size_t>(rows));   // per row: the group's window
+  std::vector<char> failed(static_cast<size_t>(rows), 0);     // its sample found no memory
 #pragma omp parallel num_threads(threads) if (a.n >= kSerialBelow)
   {
     const int t = omp_get_thread_num(), team = omp_get_num_threads();
+    // each worker's own (a thread_local named inside the region)
+    thread_local std::vector<uint32_t> sample;
     const int64_t lo = a.n * t / team, hi = a.n * (t + 1) / team;
     alignas(64) uint32_t spare[window::kStretch + 16];
     if (lo < hi)
       for_segments(a.offsets, G, lo, hi, [&](int64_t s, int64_t e, int64_t g) {
         if (!on[size_t(g)]) return;
         const int64_t row = t * G + g;
-        const window::Bounds& wg = w[size_t(g)];
+        window::Bounds& wg = w[size_t(row)];
+        const int64_t sl = slot[size_t(g)];
+        if (sl >= 0) {
+          try {   // no exception may leave the region
+            wg = window::bounds_of(x + a.offsets[g], a.offsets[g + 1] - a.offsets[g],
+                                   st[g].remaining, sample);
+          } catch (const std::bad_alloc&) {
+            failed[size_t(row)] = 1;   // the radix passes select it (and take its sum)
+            return;
+          }
+        } else {   // k = 0 with a sum to take: an empty window (nothing is > lo and <= hi)
+          wg = window::Bounds{0xFFFFFFFFu, 0xFFFFFFFFu, 0.0};
+        }
         // twice the share the sample expects: a window holding more was misplaced
         size_t cap = size_t(2.0 * wg.expected_fraction * double(e - s)) + 4096;
         uint32_t* out = spare;
@@ -520,33 +549,49 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
         } catch (const std::bad_alloc&) {
           cap = 0;   // counts and sum only; the group falls back to the radix passes
         }
-        window::stream(x, s, e, wg, want_sum, out, cap, parts[size_t(row)]);
+        uint32_t* h = sl >= 0 ? hist.data() + (size_t(t) * size_t(S) + size_t(sl)) * window::kKthBins
+                              : nullptr;
+        window::stream(x, s, e, wg, want_sum, out, cap, parts[size_t(row)], h,
+                       window::bins_of(wg));
       });
   }
   std::vector<std::pair<const uint32_t*, size_t>> held;
-  std::vector<uint32_t> hist;
+  std::vector<uint32_t> total(window::kKthBins), bin;
   for (int64_t g = 0; g < G; ++g) {
     if (!on[size_t(g)]) continue;
+    bool lost = false;   // a part not streamed: the radix passes take the group, sum too
+    for (int t = 0; t < threads; ++t) lost = lost || failed[size_t(t * G + g)];
+    if (lost) continue;
     int64_t above = 0, at_lo = 0, kept = 0;
     bool overflow = false;
+    const window::Bounds* wg = nullptr;   // the group's window (every part's is the same)
     held.clear();
+    std::fill(total.begin(), total.end(), 0u);
     for (int t = 0; t < threads; ++t) {
       const window::Part& p = parts[size_t(t * G + g)];
+      if (!p.streamed) continue;
+      wg = &w[size_t(t * G + g)];
       sums[t * G + g] += p.sum;
       above += p.above;
       at_lo += p.at_lo;
       kept += int64_t(p.kept);
       overflow = overflow || p.overflow;
       if (p.kept) held.emplace_back(buf[size_t(t * G + g)].data(), p.kept);
+      if (p.histogram && p.kept) {
+        const uint32_t* h =
+            hist.data() + (size_t(t) * size_t(S) + size_t(slot[size_t(g)])) * window::kKthBins;
+        for (int d = 0; d < window::kKthBins; ++d) total[size_t(d)] += h[d];
+      }
     }
     summed[size_t(g)] = want_sum;
     const int64_t k = st[g].remaining;
-    if (k <= 0 || overflow) continue;
-    if (above < k && k <= above + kept)              // inside (lo, hi]
-      st[g] = select::State{
-          window::kth_of(held, k - above, w[size_t(g)].lo, w[size_t(g)].hi, hist), 0};
-    else if (above + kept < k && k <= above + kept + at_lo)   // equal to lo
-      st[g] = select::State{w[size_t(g)].lo, 0};
+    if (k <= 0 || overflow || !wg) continue;
+    if (above < k && k <= above + kept)              // among the kept
+      st[g] = select::State{window::kth_of(total.data(), held, k - above,
+                                           window::bins_of(*wg), wg->hi, bin),
+                            0};
+    else if (above + kept < k && k <= above + kept + at_lo)   // equal to lo (at_lo 0 when lean)
+      st[g] = select::State{wg->lo, 0};
     // else: the window missed; the radix passes select this group
   }
   // Kept for the next call: rows of at most 16 MiB, 64 MiB in all (many large groups
@@ -558,6 +603,7 @@ void window_stage(const T* x, const ThresholdArgs& a, select::State* st, double*
     held_total += b.capacity();
   }
   if (held_total > 4 * kRetain) std::vector<std::vector<uint32_t>>().swap(buf);
+  if (hist.capacity() > kRetain) std::vector<uint32_t>().swap(hist);
 }
 
 // The k-th largest |x| of every group at once (DESIGN.md 2). Groups of at least

@@ -19,7 +19,7 @@ if _C is None:
     pytest.skip("the native module is not built", allow_module_level=True)
 
 MIN_GROUP = 1 << 16           # window::kMinGroup
-MAX_SAMPLE = 1 << 13          # window::kMaxSample
+MAX_SAMPLE = 1 << 12          # window::kMaxSample
 
 
 ISAS = native.cpu_isas()

@@ -62,8 +62,8 @@ def group_thresholds(importance, offsets, mask_ratio, *, normalize=True, backend
     groups = _v.offsets(op, offsets, importance.numel(), device, like="importance")
     _v.per_group(op, "mask_ratio", mask_ratio, groups, device,
                  dtypes=(torch.float32, torch.float64))
-    if mask_ratio.device.type == "cpu" and groups and not torch.compiler.is_compiling() and not bool(
-            ((mask_ratio >= 0) & (mask_ratio < 1)).all()):
+    if mask_ratio.device.type == "cpu" and groups and not torch.compiler.is_compiling() and not \
+            _v.in_unit_interval(mask_ratio):
         raise ValueError(f"{op}: argument `mask_ratio` must lie in [0, 1), got "
                          f"{mask_ratio.tolist()}")
     impl = resolve(backend, device, op)
