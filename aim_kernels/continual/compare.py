@@ -176,10 +176,12 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
                  if taskset is not None else {"source": "generated", "sizes": list(sizes)}),
         "config": {"seeds": list(seeds), "orders": orders, "order": order,
                    "task_orders": [list(o) for o in dict.fromkeys(tuple(r["order"]) for r in first)],
-                   "steps_per_task": rc.steps, "joint_factor": rc.joint_factor,
+                   "steps_per_task": rc.steps, "first_task_steps": rc.first_steps or rc.steps,
+                   "joint_factor": rc.joint_factor,
                    "batch": rc.batch, "lr": rc.lr, "model": asdict(rc.spec), "parameters": counts,
-                   "checkpoint": rc.checkpoint, "skills": list(skills), "overrides": overrides or {},
-                   "presets": {m: _preset_values(m) for m in methods if m != "joint"},
+                   "warmup": rc.warmup,
+                   "checkpoint": rc.checkpoint, "skills": list(skills), "overrides": _jsonable(overrides or {}),
+                   "presets": {m: _preset_values(m, (overrides or {}).get(m)) for m in methods if m != "joint"},
                    "held_out": ({k: list(v) for k, v in data.HELD_OUT.items()} if taskset is None else None)},
         "methods": {m: aggregate(runs[m]) for m in methods if m != "joint"},
         "paired_vs_naive": paired_differences(runs),
@@ -203,12 +205,39 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     return summary
 
 
-def _preset_values(method: str) -> dict:
-    """The preset's non-default fields and per-role (rho, kappa, lambda), for the record."""
+def lam_overrides(scales: dict[str, float]) -> dict:
+    """``{method: x}`` -> ``{method: {"role_values": ...}}``: the method's preset with every
+    role's lambda multiplied by ``x`` (masks and everything else unchanged). ``--lam-scale``:
+    presets tuned on the tiny model can be too strong for another model spec."""
     import dataclasses
 
     import aim_kernels as ak
-    cfg, base = ak.preset(method), ak.AIMConfig()
+    out = {}
+    for m, x in scales.items():
+        if m not in METHODS:
+            raise ValueError(f"--lam-scale: unknown method {m!r}; choose from {METHODS}")
+        if not x > 0:
+            raise ValueError(f"--lam-scale: the scale of {m!r} must be > 0, got {x}")
+        roles = ak.preset(m).role_values
+        if not any(v.lam for v in roles.values()):
+            raise ValueError(f"--lam-scale: preset {m!r} has no lambda to scale")
+        out[m] = {"role_values": {r: dataclasses.replace(v, lam=v.lam * x) for r, v in roles.items()}}
+    return out
+
+
+def _jsonable(overrides: dict) -> dict:
+    import dataclasses
+    return {m: {k: ({r: dataclasses.asdict(v) for r, v in val.items()} if k == "role_values" else val)
+                for k, val in ov.items()} for m, ov in overrides.items()}
+
+
+def _preset_values(method: str, overrides: dict | None = None) -> dict:
+    """The preset's non-default fields and per-role (rho, kappa, lambda), for the record
+    (``overrides`` applied, as the runs use them)."""
+    import dataclasses
+
+    import aim_kernels as ak
+    cfg, base = ak.preset(method, **(overrides or {})), ak.AIMConfig()
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
            if f.name not in ("role_values", "state_dtype", "groups")
            and getattr(cfg, f.name) != getattr(base, f.name)}
@@ -246,6 +275,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="cache folder of the pre-trained models "
                                                  "(default ~/.cache/aim_kernels/continual)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
+    p.add_argument("--first-steps", type=int, default=0, metavar="N",
+                   help="training steps of the first task of each order (default 0: --steps); "
+                        "joint trains --joint-factor x the sequential total")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="linear lr warm-up over the first N steps of each task (default 0: none)")
     p.add_argument("--joint-factor", type=float, default=RunConfig.joint_factor,
                    help="joint trains this many times the sequential total of steps")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
@@ -276,7 +310,11 @@ def _rc(args) -> RunConfig:
     if steps is None:
         steps = DATA_WARMUP_STEPS if args.data else ModelSpec.pretrain_steps
     lr = args.lr if args.lr is not None else DATA_LR if args.data else 4e-3
-    return RunConfig(steps=args.steps, batch=args.batch, lr=lr, progress=not args.no_progress,
+    if args.warmup < 0:
+        raise SystemExit(f"aim-kernels: --warmup must be >= 0, got {args.warmup}")
+    if args.first_steps < 0:
+        raise SystemExit(f"aim-kernels: --first-steps must be >= 0, got {args.first_steps}")
+    return RunConfig(steps=args.steps, first_steps=args.first_steps, batch=args.batch, lr=lr, warmup=args.warmup, progress=not args.no_progress,
                      joint_factor=args.joint_factor,
                      checkpoint=args.checkpoint, cache=args.cache,
                      spec=model_spec(args.model, args.lora, pretrain_steps=steps))
@@ -308,18 +346,28 @@ def compare_main(argv=None) -> dict:
     p.add_argument("--methods", default=",".join(ALL), help=f"comma-separated, from {ALL}")
     p.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
     p.add_argument("--out", default="results/continual")
+    p.add_argument("--lam-scale", default=None, metavar="METHOD=X[,...]",
+                   help="multiply every role's lambda of METHOD's preset by X (e.g. mm-ewc=0.3,aim=0.3); "
+                        "recorded in summary.json")
     _common(p)
     args = p.parse_args(argv)
     methods = _csv(args.methods)
     bad = [m for m in methods if m not in ALL]
     if bad:
         p.error(f"unknown method {bad[0]!r}; choose from {ALL}")
+    overrides = None
+    if args.lam_scale:
+        try:
+            scales = {m: float(x) for m, x in (kv.split("=", 1) for kv in _csv(args.lam_scale))}
+            overrides = lam_overrides(scales)
+        except ValueError as e:
+            p.error(str(e) if "--lam-scale" in str(e) else f"--lam-scale {args.lam_scale!r}: expected METHOD=X[,...]")
     seeds = [int(s) for s in _csv(args.seeds)] if args.seeds else PRESETS[args.preset]["seeds"]
     deps.require(lora=args.lora > 0)
     rc = _rc(args)
     ts = _taskset(args)
     summary = compare(methods, seeds, args.out, rc, args.orders, args.order, args.preset,
-                      jobs=args.jobs, taskset=ts)
+                      overrides=overrides, jobs=args.jobs, taskset=ts)
     print((Path(args.out) / "report.md").read_text())
     return summary
 

@@ -92,16 +92,40 @@ def _load(summary: dict) -> str:
     return f" (load average at the end {la[0]:g} / {la[1]:g} / {la[2]:g} over 1 / 5 / 15 min)" if la else ""
 
 
+def _first(cfg: dict) -> str:
+    first = cfg.get("first_task_steps", cfg["steps_per_task"])
+    return f" ({first} for the first task of each order)" if first != cfg["steps_per_task"] else ""
+
+
+def _warm(cfg: dict) -> str:
+    return f", linear warm-up over each task's first {cfg['warmup']} steps" if cfg.get("warmup") else ""
+
+
+def _overridden(cfg: dict) -> list[str]:
+    """A line naming the presets whose values were overridden (``--lam-scale``), with the
+    per-role lambda the runs used."""
+    ov = cfg.get("overrides") or {}
+    if not ov:
+        return []
+    parts = []
+    for m in ov:
+        roles = cfg.get("presets", {}).get(m, {}).get("roles", {})
+        parts.append(f"`{m}` λ " + " / ".join(f"{v[2]:g}" for v in roles.values()) +
+                     f" ({' / '.join(roles)})")
+    return ["Presets overridden for this run: " + "; ".join(parts) + ".", ""]
+
+
 def write_report(summary: dict, runs: dict, out: Path) -> None:
     out = Path(out)
     cfg = summary["config"]
     lines = [f"# Continual-VQA comparison ({summary['preset']})", "",
              f"Device: {summary['device']}. Seeds {cfg['seeds']}, {cfg['orders']} task order(s) per "
-             f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task (joint: "
+             f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task{_first(cfg)} (joint: "
              f"{cfg.get('joint_factor', 1):g} x the sequential total), batch {cfg['batch']}, "
-             f"AdamW lr {cfg['lr']}. Percent, mean ± std over seeds x orders. "
+             f"AdamW lr {cfg['lr']}{_warm(cfg)}. Percent, mean ± std over seeds x orders. "
              f"Wall time {summary.get('wall_seconds', 0):.0f} s{_load(summary)}.", "",
              model_line(summary), "",
+             *_overridden(cfg),
              table(summary), "",
              "AP = mean accuracy over all tasks after the last; AF = mean over tasks but the last "
              "of (best accuracy before the end - final accuracy); novel = final accuracy on the "
