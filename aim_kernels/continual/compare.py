@@ -291,6 +291,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="tiny: decoder ~11x the projector; asym: >= 50x (see model.MODELS)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="PEFT LoRA of rank R on the decoder (projector trained fully)")
+    p.add_argument("--lora-vocab", action="store_true",
+                   help="with --lora: also train the word embeddings and the output head fully")
     p.add_argument("--data", default=None, metavar="DIR|vqa-v2:DIR|gqa:DIR",
                    help="task data from files instead of the generated benchmark (see taskdata.py)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -302,6 +304,13 @@ DATA_WARMUP_STEPS = 2000
 # --data: a decoder that learnt to read images only in the warm-up trains better at 1e-3
 # (photo-like folder, seed 1: joint AP 95.3 against 87.3 at 4e-3, naive mean R[i][i] 85 / 83)
 DATA_LR = 1e-3
+
+
+def _spec(args, steps: int) -> ModelSpec:
+    try:
+        return model_spec(args.model, args.lora, pretrain_steps=steps, lora_vocab=args.lora_vocab)
+    except ValueError as e:
+        raise SystemExit(f"aim-kernels: {e}") from None
 
 
 def _rc(args) -> RunConfig:
@@ -317,7 +326,7 @@ def _rc(args) -> RunConfig:
     return RunConfig(steps=args.steps, first_steps=args.first_steps, batch=args.batch, lr=lr, warmup=args.warmup, progress=not args.no_progress,
                      joint_factor=args.joint_factor,
                      checkpoint=args.checkpoint, cache=args.cache,
-                     spec=model_spec(args.model, args.lora, pretrain_steps=steps))
+                     spec=_spec(args, steps))
 
 
 def _taskset(args):

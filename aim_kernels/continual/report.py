@@ -80,6 +80,8 @@ def model_line(summary: dict) -> str:
     if not n:
         return ""
     lora = f", LoRA rank {spec['lora']} on the decoder" if spec.get("lora") else ""
+    if spec.get("lora") and spec.get("lora_vocab"):
+        lora += " (word embeddings and output head trained fully)"
     return (f"Model `{spec.get('name', 'custom')}`{lora}: decoder {n['decoder']['all']:,} parameters "
             f"({n['decoder']['trainable']:,} trainable), projector {n['projector']['trainable']:,} "
             f"trainable, vision {n['vision']['all']:,} (frozen after pre-training); "
