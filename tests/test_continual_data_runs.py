@@ -107,3 +107,22 @@ def test_lora_groups_come_out_right_through_peft_names(tmp_path):
     assert 0 < n["decoder"]["trainable"] < n["decoder"]["all"] / 5
     ak.attach(model, ak.preset("aim"))
     ak.detach(model)
+
+
+def test_lora_vocab_trains_embeddings_and_head_in_the_language_group(tmp_path):
+    """--lora-vocab: the word embeddings and the output head train with the adapters (they are
+    frozen, at their random init for the benchmark's new words, under plain --lora)."""
+    pytest.importorskip("peft")
+    kw = dict(hidden=16, layers=1, vision_layers=1, heads=2, pretrain_steps=0)
+    plain, _ = make_model(model_spec("tiny", lora=2, **kw), 0, cache=str(tmp_path))
+    vocab, _ = make_model(model_spec("tiny", lora=2, lora_vocab=True, **kw), 0, cache=str(tmp_path))
+    def trainable(m):
+        return {n for n, p in m.named_parameters() if p.requires_grad}
+    extra = trainable(vocab) - trainable(plain)
+    assert extra and all("lm_head" in n or "embed_tokens" in n for n in extra)
+    assert any("lm_head" in n for n in extra) and any("embed_tokens" in n for n in extra)
+    assert not any("lm_head" in n or "embed_tokens" in n for n in trainable(plain))
+    groups = assign(vocab, resolve_groups(vocab, ak.preset("aim")), user_groups=False)
+    assert extra <= {n for n, _ in groups["language"]}
+    with pytest.raises(ValueError, match="--lora-vocab needs --lora"):
+        model_spec("tiny", lora_vocab=True)

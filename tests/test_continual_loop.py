@@ -111,7 +111,7 @@ def test_cli_lam_overrides_the_preset_lambda_and_is_recorded(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["config"]["overrides"]["aim"]["role_values"]["projector"] == [0.05, 0.0, 5.0]
     assert s["config"]["presets"]["aim"]["roles"]["language"] == [0.01, 0.0, 0.25]
-    assert "`aim` lambda vision / projector / language = 0.5 / 5 / 0.25" in (out / "report.md").read_text()
+    assert "`aim` λ vision / projector / language = 0.5 / 5 / 0.25" in (out / "report.md").read_text()
     with pytest.raises(SystemExit):
         cli.main(["compare", "--methods", "naive,aim", "--lam", "mm-ewc=1/1/1", "--steps", "1"])
 

@@ -176,8 +176,10 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
                  if taskset is not None else {"source": "generated", "sizes": list(sizes)}),
         "config": {"seeds": list(seeds), "orders": orders, "order": order,
                    "task_orders": [list(o) for o in dict.fromkeys(tuple(r["order"]) for r in first)],
-                   "steps_per_task": rc.steps, "joint_factor": rc.joint_factor,
+                   "steps_per_task": rc.steps, "first_task_steps": rc.first_steps or rc.steps,
+                   "joint_factor": rc.joint_factor,
                    "batch": rc.batch, "lr": rc.lr, "model": asdict(rc.spec), "parameters": counts,
+                   "warmup": rc.warmup,
                    "checkpoint": rc.checkpoint, "skills": list(skills),
                    "overrides": {m: _jsonable(ov) for m, ov in (overrides or {}).items()},
                    "presets": {m: _preset_values(m, (overrides or {}).get(m)) for m in methods if m != "joint"},
@@ -202,6 +204,26 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     (out / "runs.json").write_text(json.dumps(runs))
     report.write_report(summary, runs, out)
     return summary
+
+
+def lam_scale_overrides(scales: dict[str, float]) -> dict:
+    """``{method: x}`` -> ``{method: {"role_values": ...}}``: the method's preset with every
+    role's lambda multiplied by ``x`` (masks and everything else unchanged). ``--lam-scale``:
+    presets tuned on the tiny model can be too strong for another model spec."""
+    import dataclasses
+
+    import aim_kernels as ak
+    out = {}
+    for m, x in scales.items():
+        if m not in METHODS:
+            raise ValueError(f"--lam-scale: unknown method {m!r}; choose from {METHODS}")
+        if not x > 0:
+            raise ValueError(f"--lam-scale: the scale of {m!r} must be > 0, got {x}")
+        roles = ak.preset(m).role_values
+        if not any(v.lam for v in roles.values()):
+            raise ValueError(f"--lam-scale: preset {m!r} has no lambda to scale")
+        out[m] = {"role_values": {r: dataclasses.replace(v, lam=v.lam * x) for r, v in roles.items()}}
+    return out
 
 
 def _jsonable(ov: dict) -> dict:
@@ -254,6 +276,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="cache folder of the pre-trained models "
                                                  "(default ~/.cache/aim_kernels/continual)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
+    p.add_argument("--first-steps", type=int, default=0, metavar="N",
+                   help="training steps of the first task of each order (default 0: --steps); "
+                        "joint trains --joint-factor x the sequential total")
+    p.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="linear lr warm-up over the first N steps of each task (default 0: none)")
     p.add_argument("--joint-factor", type=float, default=RunConfig.joint_factor,
                    help="joint trains this many times the sequential total of steps")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (1 thread each)")
@@ -265,6 +292,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="tiny: decoder ~11x the projector; asym: >= 50x (see model.MODELS)")
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="PEFT LoRA of rank R on the decoder (projector trained fully)")
+    p.add_argument("--lora-vocab", action="store_true",
+                   help="with --lora: also train the word embeddings and the output head fully")
     p.add_argument("--data", default=None, metavar="DIR|vqa-v2:DIR|gqa:DIR",
                    help="task data from files instead of the generated benchmark (see taskdata.py)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -310,16 +339,27 @@ DATA_WARMUP_STEPS = 2000
 DATA_LR = 1e-3
 
 
+def _spec(args, steps: int) -> ModelSpec:
+    try:
+        return model_spec(args.model, args.lora, pretrain_steps=steps, lora_vocab=args.lora_vocab)
+    except ValueError as e:
+        raise SystemExit(f"aim-kernels: {e}") from None
+
+
 def _rc(args) -> RunConfig:
     torch.set_num_threads(args.threads)
     steps = args.pretrain_steps
     if steps is None:
         steps = DATA_WARMUP_STEPS if args.data else ModelSpec.pretrain_steps
     lr = args.lr if args.lr is not None else DATA_LR if args.data else 4e-3
-    return RunConfig(steps=args.steps, batch=args.batch, lr=lr, progress=not args.no_progress,
+    if args.warmup < 0:
+        raise SystemExit(f"aim-kernels: --warmup must be >= 0, got {args.warmup}")
+    if args.first_steps < 0:
+        raise SystemExit(f"aim-kernels: --first-steps must be >= 0, got {args.first_steps}")
+    return RunConfig(steps=args.steps, first_steps=args.first_steps, batch=args.batch, lr=lr, warmup=args.warmup, progress=not args.no_progress,
                      joint_factor=args.joint_factor,
                      checkpoint=args.checkpoint, cache=args.cache,
-                     spec=model_spec(args.model, args.lora, pretrain_steps=steps))
+                     spec=_spec(args, steps))
 
 
 def _taskset(args):
@@ -348,6 +388,9 @@ def compare_main(argv=None) -> dict:
     p.add_argument("--methods", default=",".join(ALL), help=f"comma-separated, from {ALL}")
     p.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
     p.add_argument("--out", default="results/continual")
+    p.add_argument("--lam-scale", default=None, metavar="METHOD=X[,...]",
+                   help="multiply every role's lambda of METHOD's preset by X (e.g. mm-ewc=0.3,aim=0.3); "
+                        "recorded in summary.json")
     _common(p)
     args = p.parse_args(argv)
     methods = _csv(args.methods)
@@ -359,6 +402,16 @@ def compare_main(argv=None) -> dict:
         overrides = lam_overrides(args.lam, methods)
     except ValueError as e:
         p.error(str(e))
+    if args.lam_scale:
+        try:
+            scales = {m: float(x) for m, x in (kv.split("=", 1) for kv in _csv(args.lam_scale))}
+            scaled = lam_scale_overrides(scales)
+        except ValueError as e:
+            p.error(str(e) if "--lam-scale" in str(e) else f"--lam-scale {args.lam_scale!r}: expected METHOD=X[,...]")
+        both = sorted(set(scaled) & set(overrides))
+        if both:
+            p.error(f"--lam and --lam-scale both set {both[0]!r}'s lambda; give one")
+        overrides.update(scaled)
     deps.require(lora=args.lora > 0)
     rc = _rc(args)
     ts = _taskset(args)

@@ -27,6 +27,10 @@ class ModelSpec:
     pretrain_lr: float = 3e-3
     intermediate: int = 0      # decoder MLP width (0: 2 x hidden)
     lora: int = 0              # > 0: PEFT LoRA of this rank on the decoder, projector trained fully
+    # with lora: also train the word embeddings and the output head fully (what PEFT's
+    # modules_to_save does for new tokens): the benchmark's question words and most answer
+    # words are never trained before the tasks, so frozen they stay random
+    lora_vocab: bool = False
     name: str = "custom"
 
 
@@ -47,6 +51,8 @@ def model_spec(name: str, lora: int = 0, **changes) -> ModelSpec:
         raise ValueError(f"--model {name!r}: choose from {tuple(MODELS)}")
     if lora < 0:
         raise ValueError(f"--lora must be >= 0, got {lora}")
+    if changes.get("lora_vocab") and not lora:
+        raise ValueError("--lora-vocab needs --lora R")
     return dataclasses.replace(MODELS[name], lora=lora, **changes)
 
 
@@ -73,15 +79,16 @@ def base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def add_lora(model, rank: int):
+def add_lora(model, rank: int, vocab: bool = False):
     """PEFT LoRA of ``rank`` on every linear layer of the decoder; the projector stays fully
-    trainable (PEFT freezes everything else); the vision tower stays frozen."""
+    trainable (PEFT freezes everything else); the vision tower stays frozen. ``vocab``: the
+    word embeddings and the output head are trained fully too."""
     from peft import LoraConfig, get_peft_model
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
     model = get_peft_model(model, cfg)
     for n, p in model.named_parameters():
-        if "multi_modal_projector" in n:
+        if "multi_modal_projector" in n or (vocab and ("lm_head" in n or "embed_tokens" in n)):
             p.requires_grad_(True)
     return model
 
@@ -199,7 +206,7 @@ def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | N
     LoRA added when ``spec.lora``. Returns ``(model, info)``."""
     from .taskdata import TaskSet
     on_files = isinstance(bench, TaskSet)
-    arch = {k: v for k, v in asdict(spec).items() if k not in ("lora", "name")}
+    arch = {k: v for k, v in asdict(spec).items() if k not in ("lora", "lora_vocab", "name")}
     if checkpoint:
         model = load_checkpoint(checkpoint)
         if on_files and model.config.text_config.vocab_size < bench.vocab_size:
@@ -240,6 +247,6 @@ def make_model(spec: ModelSpec = ModelSpec(), seed: int = 0, checkpoint: str | N
                 pass
     vt.requires_grad_(False)
     if spec.lora:
-        model = add_lora(model, spec.lora)
+        model = add_lora(model, spec.lora, spec.lora_vocab)
     torch.manual_seed(seed + 2)
     return model, info

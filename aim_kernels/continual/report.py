@@ -80,6 +80,8 @@ def model_line(summary: dict) -> str:
     if not n:
         return ""
     lora = f", LoRA rank {spec['lora']} on the decoder" if spec.get("lora") else ""
+    if spec.get("lora") and spec.get("lora_vocab"):
+        lora += " (word embeddings and output head trained fully)"
     return (f"Model `{spec.get('name', 'custom')}`{lora}: decoder {n['decoder']['all']:,} parameters "
             f"({n['decoder']['trainable']:,} trainable), projector {n['projector']['trainable']:,} "
             f"trainable, vision {n['vision']['all']:,} (frozen after pre-training); "
@@ -92,16 +94,40 @@ def _load(summary: dict) -> str:
     return f" (load average at the end {la[0]:g} / {la[1]:g} / {la[2]:g} over 1 / 5 / 15 min)" if la else ""
 
 
+def _first(cfg: dict) -> str:
+    first = cfg.get("first_task_steps", cfg["steps_per_task"])
+    return f" ({first} for the first task of each order)" if first != cfg["steps_per_task"] else ""
+
+
+def _warm(cfg: dict) -> str:
+    return f", linear warm-up over each task's first {cfg['warmup']} steps" if cfg.get("warmup") else ""
+
+
+def _overridden(cfg: dict) -> list[str]:
+    """A line naming the presets whose lambda was overridden (``--lam`` / ``--lam-scale``),
+    with the per-role lambda the runs used."""
+    ov = cfg.get("overrides") or {}
+    if not ov:
+        return []
+    parts = []
+    for m in ov:
+        roles = cfg.get("presets", {}).get(m, {}).get("roles", {})
+        parts.append(f"`{m}` λ {' / '.join(roles)} = " + " / ".join(f"{v[2]:g}" for v in roles.values()))
+    return ["Presets overridden for this run (`--lam` / `--lam-scale`): " + "; ".join(parts)
+            + " (mask ratio and keep as shipped).", ""]
+
+
 def write_report(summary: dict, runs: dict, out: Path) -> None:
     out = Path(out)
     cfg = summary["config"]
     lines = [f"# Continual-VQA comparison ({summary['preset']})", "",
              f"Device: {summary['device']}. Seeds {cfg['seeds']}, {cfg['orders']} task order(s) per "
-             f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task (joint: "
+             f"seed ({cfg['order']}), {cfg['steps_per_task']} steps per task{_first(cfg)} (joint: "
              f"{cfg.get('joint_factor', 1):g} x the sequential total), batch {cfg['batch']}, "
-             f"AdamW lr {cfg['lr']}. Percent, mean ± std over seeds x orders. "
+             f"AdamW lr {cfg['lr']}{_warm(cfg)}. Percent, mean ± std over seeds x orders. "
              f"Wall time {summary.get('wall_seconds', 0):.0f} s{_load(summary)}.", "",
              model_line(summary), "",
+             *_overridden(cfg),
              table(summary), "",
              "AP = mean accuracy over all tasks after the last; AF = mean over tasks but the last "
              "of (best accuracy before the end - final accuracy); novel = final accuracy on the "
@@ -112,11 +138,6 @@ def write_report(summary: dict, runs: dict, out: Path) -> None:
              "AdamW). Last and BWT are MCITlib's: Last = mean of the last row (the same number "
              "as AP); BWT = mean over tasks but the last of (final accuracy - accuracy right after "
              "training it).", ""]
-    ov = {m: o["role_values"] for m, o in cfg.get("overrides", {}).items() if "role_values" in o}
-    if ov:
-        lines += ["Presets overridden (`--lam`): " + "; ".join(
-            f"`{m}` lambda vision / projector / language = " + " / ".join(f"{v[2]:g}" for v in rv.values())
-            for m, rv in ov.items()) + " (mask ratio and keep as shipped).", ""]
     data = summary.get("data") or {}
     if data.get("hash"):
         lines += [f"Data: `{data['source']}`, hash {data['hash']}, tasks (train/test examples): "

@@ -27,6 +27,13 @@ class RunConfig:
     steps: int = 300            # per task
     batch: int = 32
     lr: float = 2e-3
+    # Linear lr warm-up over the first ``warmup`` steps of each task (each task starts a
+    # fresh AdamW; joint: of its one run); 0: none (the default, unchanged behaviour).
+    warmup: int = 0
+    # Steps of the first task of each order (0: ``steps``). A deeper decoder (--model asym)
+    # sits on a plateau at chance for 100-400 steps on the first task it meets (the first
+    # readout of the image for a new question word); later tasks start from that readout.
+    first_steps: int = 0
     joint_factor: float = 2.0   # joint trains this many times the sequential total of steps
     drift_every: int = 10       # record per-group stats every this many steps
     eval_batch: int = 512
@@ -65,8 +72,14 @@ def _batches(splits: list[data.Split], steps: int, batch: int, gen: torch.Genera
         yield images[idx], questions[idx], answers[idx]
 
 
+def warmup_lr(lr: float, step: int, warmup: int) -> float:
+    """The learning rate of step ``step`` (0-based) of a task: ``lr`` times (step + 1) /
+    ``warmup`` for the first ``warmup`` steps, then ``lr``."""
+    return lr if warmup <= 0 else lr * min(1.0, (step + 1) / warmup)
+
+
 def _train(model, batches, steps: int, lr: float, desc: str, progress: bool, log: dict,
-           drift_every: int, offset: int) -> tuple[float, float]:
+           drift_every: int, offset: int, warmup: int = 0) -> tuple[float, float]:
     """One task. Returns (seconds of whole steps, seconds inside masked_step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)   # fresh per task
@@ -88,6 +101,9 @@ def _train(model, batches, steps: int, lr: float, desc: str, progress: bool, log
         t1 = time.perf_counter()
         stats = ak.masked_step(model)
         t2 = time.perf_counter()
+        if warmup:
+            for group in opt.param_groups:
+                group["lr"] = warmup_lr(lr, step, warmup)
         opt.step()
         t3 = time.perf_counter()
         step_t += t3 - t0
@@ -114,6 +130,16 @@ def _warn_unlearnt(method, seed, task, acc, chance):
               flush=True)
 
 
+def task_steps(rc: RunConfig, k: int) -> int:
+    """Training steps of the ``k``-th task (0-based) of an order."""
+    return rc.first_steps if (k == 0 and rc.first_steps > 0) else rc.steps
+
+
+def sequential_steps(rc: RunConfig, tasks: int) -> int:
+    """The sequential total of steps over ``tasks`` tasks (joint trains ``joint_factor`` x this)."""
+    return sum(task_steps(rc, k) for k in range(tasks))
+
+
 def run_method(method: str, bench: data.Benchmark, order, seed: int, rc: RunConfig,
                overrides: dict | None = None) -> dict:
     """Train one method through ``order`` (skill names); returns R, AP, AF, novel, timings."""
@@ -130,23 +156,26 @@ def run_method(method: str, bench: data.Benchmark, order, seed: int, rc: RunConf
     try:
         if method == "joint":
             gen = torch.Generator().manual_seed(seed * 1000 + 999)
-            total = int(round(rc.steps * len(order) * rc.joint_factor))
+            total = int(round(sequential_steps(rc, len(order)) * rc.joint_factor))
             batches = _batches([bench.train[s] for s in order], total, rc.batch, gen)
             s_t, m_t = _train(model, batches, total, rc.lr, f"{method} s{seed} all tasks",
-                              rc.progress, log, rc.drift_every, 0)
+                              rc.progress, log, rc.drift_every, 0, rc.warmup)
             step_t, masked_t = step_t + s_t, masked_t + m_t
             R.append([evaluate(model, bench.test[s], rc.eval_batch) for s in order])
             log["task_ends"].append(total)
         else:
+            done = 0
             for k, skill in enumerate(order):
                 gen = torch.Generator().manual_seed(seed * 1000 + k)
-                batches = _batches([bench.train[skill]], rc.steps, rc.batch, gen)
-                s_t, m_t = _train(model, batches, rc.steps, rc.lr,
+                steps = task_steps(rc, k)
+                batches = _batches([bench.train[skill]], steps, rc.batch, gen)
+                s_t, m_t = _train(model, batches, steps, rc.lr,
                                   f"{method} s{seed} task {k + 1}/{len(order)} {skill}",
-                                  rc.progress, log, rc.drift_every, k * rc.steps)
+                                  rc.progress, log, rc.drift_every, done, rc.warmup)
                 step_t, masked_t = step_t + s_t, masked_t + m_t
                 ak.consolidate(model)
-                log["task_ends"].append((k + 1) * rc.steps)
+                done += steps
+                log["task_ends"].append(done)
                 R.append([evaluate(model, bench.test[s], rc.eval_batch) for s in order])
                 _warn_unlearnt(method, seed, skill, R[k][k], chance[skill])
         novel_parts = [evaluate(model, bench.novel[s], rc.eval_batch)
