@@ -206,23 +206,32 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     return summary
 
 
+def scaled_roles(method: str, x: float) -> dict:
+    """``method``'s preset role values with every lambda multiplied by ``x`` (mask ratio and
+    keep as shipped); ``--lam-scale`` here, ``tune --scales`` for its candidates."""
+    import dataclasses
+
+    import aim_kernels as ak
+    roles = ak.preset(method).role_values
+    if not any(v.lam for v in roles.values()):
+        raise ValueError(f"preset {method!r} has no lambda to scale")
+    return {r: dataclasses.replace(v, lam=v.lam * x) for r, v in roles.items()}
+
+
 def lam_scale_overrides(scales: dict[str, float]) -> dict:
     """``{method: x}`` -> ``{method: {"role_values": ...}}``: the method's preset with every
     role's lambda multiplied by ``x`` (masks and everything else unchanged). ``--lam-scale``:
     presets tuned on the tiny model can be too strong for another model spec."""
-    import dataclasses
-
-    import aim_kernels as ak
     out = {}
     for m, x in scales.items():
         if m not in METHODS:
             raise ValueError(f"--lam-scale: unknown method {m!r}; choose from {METHODS}")
         if not x > 0:
             raise ValueError(f"--lam-scale: the scale of {m!r} must be > 0, got {x}")
-        roles = ak.preset(m).role_values
-        if not any(v.lam for v in roles.values()):
-            raise ValueError(f"--lam-scale: preset {m!r} has no lambda to scale")
-        out[m] = {"role_values": {r: dataclasses.replace(v, lam=v.lam * x) for r, v in roles.items()}}
+        try:
+            out[m] = {"role_values": scaled_roles(m, x)}
+        except ValueError as e:
+            raise ValueError(f"--lam-scale: {e}") from None
     return out
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-import aim_kernels as ak
 from aim_kernels.config import ROLES, RoleValues
 
 from . import data
@@ -83,15 +82,16 @@ def scaled_grid(methods, scales) -> list[tuple[str, str, dict]]:
     """naive, then per method its shipped preset with every group's lambda times each
     scale (mask ratio and keep as shipped); labels as ``GRID``'s (``lam=V/P/L``, with
     ``rho=...`` first where the preset masks)."""
+    from .compare import scaled_roles
     grid = [("naive", "-", {})]
     for m in methods:
         if m == "naive":
             continue
-        base = ak.preset(m).role_values
-        if not any(v.lam for v in base.values()):
-            raise ValueError(f"--scales: preset {m!r} has no lambda to scale")
         for f in scales:
-            roles = {r: RoleValues(mask_ratio=v.mask_ratio, keep=v.keep, lam=v.lam * f) for r, v in base.items()}
+            try:
+                roles = scaled_roles(m, f)
+            except ValueError as e:
+                raise ValueError(f"--scales: {e}") from None
             grid.append((m, _lam_label(roles), {"role_values": roles}))
     return grid
 
