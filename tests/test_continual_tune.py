@@ -90,3 +90,38 @@ def test_tune_on_a_data_folder(tmp_path):
     assert rows[("aim", "rho=0.01/0.05/0.01 lam=1/10/1")]["overrides"]["role_values"]["projector"]["lam"] == 10
     with pytest.raises(SystemExit):              # --data never writes over the generated sweep
         tune.main(["--data", str(folder), "--steps", "2"])
+
+
+def test_tune_at_compare_model_flags(tmp_path):
+    """--model / --first-steps / --lora reach the runs and the record, so a sweep at the 56x
+    spec pairs with compare's runs of the same flags."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from aim_kernels.continual import train
+    seen = []
+    real = train.run_method
+
+    def spy(method, bench, skills, seed, rc, ov=None):
+        seen.append((rc.spec, rc.first_steps))
+        return real(method, bench, skills[:2], seed, rc, ov)
+
+    out = tmp_path / "sweep.json"
+    orig = tune.run_method
+    tune.run_method = spy
+    try:
+        tune.main(["--model", "asym", "--lora", "2", "--lora-vocab", "--first-steps", "3",
+                   "--steps", "2", "--pretrain-steps", "2", "--only", "mm-ewc", "--scales", "0.3",
+                   "--cache", str(tmp_path / "c"), "--out", str(out)])
+    finally:
+        tune.run_method = orig
+    s = json.loads(out.read_text())
+    assert (s["model"], s["first_task_steps"], s["lora"], s["lora_vocab"], s["pretrain_steps"]) == \
+        ("asym", 3, 2, True, 2)
+    from aim_kernels.continual.model import MODELS
+    spec = seen[0][0]
+    assert (spec.layers, spec.hidden, spec.lora, spec.lora_vocab, spec.pretrain_steps) == \
+        (MODELS["asym"].layers, MODELS["asym"].hidden, 2, True, 2)
+    assert [f for _, f in seen] == [3, 3]
+    assert {r["method"] for r in s["candidates"]} == {"naive", "mm-ewc"}
+    with pytest.raises(SystemExit):
+        tune.main(["--lora-vocab", "--out", str(out)])          # --lora-vocab needs --lora

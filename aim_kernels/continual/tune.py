@@ -15,7 +15,9 @@ n-th candidate; ``--merge`` joins part files.
 0.1,0.3,1`` replaces ``GRID`` by each ``--only`` method's shipped preset with every
 group's lambda multiplied by each factor (rho and kappa kept), e.g. ``python -m
 aim_kernels.continual.tune --data DIR --only mm-ewc,aim --scales 0.1,0.3,1 --out F``.
-A pick there is passed to ``compare`` with ``--lam METHOD=V/P/L``.
+A pick there is passed to ``compare`` with ``--lam METHOD=V/P/L``. ``--model``,
+``--first-steps``, ``--lora`` and ``--lora-vocab`` sweep at compare's setting of the same
+flags (e.g. the 56x ``--model asym --lr 2e-3 --first-steps 600``), sharing its cache.
 
 Why this grid (round 3): under AdamW the update is the sign-like ``m / sqrt(v)`` of
 ``g + r``, so once the regulariser ``r = lambda * s * d`` (``s`` has mean 1 per group
@@ -101,14 +103,19 @@ def _jsonable(ov: dict) -> dict:
                 if k == "role_values" else v) for k, v in ov.items()}
 
 
-def _one(method, label, ov, steps, lr, cache, taskset=None, pretrain_steps=None):
+def _spec(model="tiny", lora=0, lora_vocab=False, pretrain_steps=None, data_folder=False):
+    """compare's model spec for these flags, so the pre-training / warm-up cache is shared with it."""
+    from .compare import DATA_WARMUP_STEPS
+    from .model import ModelSpec, model_spec
+    steps = pretrain_steps or (DATA_WARMUP_STEPS if data_folder else ModelSpec.pretrain_steps)
+    return model_spec(model, lora, pretrain_steps=steps, lora_vocab=lora_vocab)
+
+
+def _one(method, label, ov, steps, lr, cache, taskset=None, spec=None, first_steps=0):
     torch.set_num_threads(1)
-    rc = RunConfig(steps=steps, lr=lr, progress=False, cache=cache)
+    rc = RunConfig(steps=steps, lr=lr, progress=False, cache=cache, first_steps=first_steps,
+                   spec=spec if spec is not None else _spec(data_folder=taskset is not None))
     if taskset is not None:
-        # compare --data's model: the same spec, so the warm-up cache is shared with it
-        from .compare import DATA_WARMUP_STEPS
-        from .model import model_spec
-        rc.spec = model_spec("tiny", pretrain_steps=pretrain_steps or DATA_WARMUP_STEPS)
         r = run_method(method, taskset, tuple(taskset.train), 0, rc, ov)
     else:
         r = run_method(method, data.make_benchmark(0), data.SKILLS, 0, rc, ov)
@@ -128,7 +135,12 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=None, help=f"default {LR:g} (--data: 1e-3)")
     p.add_argument("--data", default=None, metavar="DIR", help="task data from files (as compare --data)")
     p.add_argument("--pretrain-steps", type=int, default=None,
-                   help="--data: warm-up steps (default compare's, so its cache is shared)")
+                   help="pre-training / --data warm-up steps (default compare's, so its cache is shared)")
+    p.add_argument("--model", default="tiny", help="as compare --model (tiny, small, asym)")
+    p.add_argument("--first-steps", type=int, default=0, metavar="N",
+                   help="as compare --first-steps: steps of the first task (0: --steps)")
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="as compare --lora")
+    p.add_argument("--lora-vocab", action="store_true", help="as compare --lora-vocab")
     p.add_argument("--scales", default=None,
                    help="comma-separated factors: candidates are the --only methods' presets with lambda scaled")
     p.add_argument("--jobs", type=int, default=1, help="candidates in parallel processes (1 thread each)")
@@ -151,18 +163,28 @@ def main(argv=None) -> None:
         args.out = "benchmarks/results/continual/tuning_seed0.json"
     if args.lr is None:
         args.lr = DATA_LR if taskset is not None else LR
+    if args.first_steps < 0:
+        p.error(f"--first-steps must be >= 0, got {args.first_steps}")
+    try:
+        spec = _spec(args.model, args.lora, args.lora_vocab, args.pretrain_steps, taskset is not None)
+    except ValueError as e:
+        p.error(str(e))
     grid = GRID
     if args.scales:
         if not args.only:
             p.error("--scales needs --only (the methods whose presets are scaled)")
         grid = scaled_grid(args.only.split(","), [float(x) for x in args.scales.split(",")])
-    meta = {"steps_per_task": args.steps, "lr": args.lr,
+    meta = {"steps_per_task": args.steps, "lr": args.lr, "model": args.model,
             "command": "python -m aim_kernels.continual.tune " + " ".join(argv if argv is not None else
                                                                          __import__("sys").argv[1:])}
     if taskset is not None:
         meta.update(data={"source": taskset.source, "hash": taskset.data_hash}, skills=list(taskset.train))
-        if args.pretrain_steps:
-            meta["pretrain_steps"] = args.pretrain_steps
+    if args.pretrain_steps:
+        meta["pretrain_steps"] = args.pretrain_steps
+    if args.first_steps:
+        meta["first_task_steps"] = args.first_steps
+    if args.lora:
+        meta.update(lora=args.lora, lora_vocab=args.lora_vocab)
     if args.merge is not None:
         rows = [r for f in args.merge for r in json.loads(Path(f).read_text())["candidates"]]
         write(rows, args.out, meta)
@@ -189,13 +211,13 @@ def main(argv=None) -> None:
         import concurrent.futures as cf
         import multiprocessing as mp
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(_one, m, lab, ov, args.steps, args.lr, args.cache, taskset,
-                                 args.pretrain_steps) for m, lab, ov in grid]
+            futs = [pool.submit(_one, m, lab, ov, args.steps, args.lr, args.cache, taskset, spec,
+                                args.first_steps) for m, lab, ov in grid]
             for f in cf.as_completed(futs):
                 done(f.result())
     else:
         for m, lab, ov in grid:
-            done(_one(m, lab, ov, args.steps, args.lr, args.cache, taskset, args.pretrain_steps))
+            done(_one(m, lab, ov, args.steps, args.lr, args.cache, taskset, spec, args.first_steps))
 
 
 CRITERION = ("highest AP among the candidates that learn every task (learnt-task check) and "
@@ -229,7 +251,7 @@ def write(rows, out, meta: dict) -> None:
     picked, no_pick = pick(rows)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({
-        "seed": 0, "model": "tiny", "criterion": CRITERION, "skills": list(data.SKILLS), **meta,
+        "seed": 0, "skills": list(data.SKILLS), **meta, "criterion": CRITERION,
         "candidates": rows, "picked": picked, "no_pick": no_pick}, indent=1))
 
 
