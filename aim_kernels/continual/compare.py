@@ -348,18 +348,22 @@ DATA_WARMUP_STEPS = 2000
 DATA_LR = 1e-3
 
 
-def _spec(args, steps: int) -> ModelSpec:
-    try:
-        return model_spec(args.model, args.lora, pretrain_steps=steps, lora_vocab=args.lora_vocab)
-    except ValueError as e:
-        raise SystemExit(f"aim-kernels: {e}") from None
+def run_spec(model: str = "tiny", lora: int = 0, lora_vocab: bool = False,
+             pretrain_steps: int | None = None, data_folder: bool = False) -> ModelSpec:
+    """The model spec of these flags (``compare`` and ``tune`` share it, and so the
+    pre-training / warm-up cache): ``pretrain_steps`` None is the default of the data's
+    kind (--data: the warm-up's DATA_WARMUP_STEPS)."""
+    if pretrain_steps is None:
+        pretrain_steps = DATA_WARMUP_STEPS if data_folder else ModelSpec.pretrain_steps
+    return model_spec(model, lora, pretrain_steps=pretrain_steps, lora_vocab=lora_vocab)
 
 
 def _rc(args) -> RunConfig:
     torch.set_num_threads(args.threads)
-    steps = args.pretrain_steps
-    if steps is None:
-        steps = DATA_WARMUP_STEPS if args.data else ModelSpec.pretrain_steps
+    try:
+        spec = run_spec(args.model, args.lora, args.lora_vocab, args.pretrain_steps, bool(args.data))
+    except ValueError as e:
+        raise SystemExit(f"aim-kernels: {e}") from None
     lr = args.lr if args.lr is not None else DATA_LR if args.data else 4e-3
     if args.warmup < 0:
         raise SystemExit(f"aim-kernels: --warmup must be >= 0, got {args.warmup}")
@@ -367,8 +371,7 @@ def _rc(args) -> RunConfig:
         raise SystemExit(f"aim-kernels: --first-steps must be >= 0, got {args.first_steps}")
     return RunConfig(steps=args.steps, first_steps=args.first_steps, batch=args.batch, lr=lr, warmup=args.warmup, progress=not args.no_progress,
                      joint_factor=args.joint_factor,
-                     checkpoint=args.checkpoint, cache=args.cache,
-                     spec=_spec(args, steps))
+                     checkpoint=args.checkpoint, cache=args.cache, spec=spec)
 
 
 def _taskset(args):

@@ -38,6 +38,8 @@ import torch
 from aim_kernels.config import ROLES, RoleValues
 
 from . import data
+from .compare import DATA_LR, run_spec, scaled_roles
+from .model import MODELS
 from .train import RunConfig, run_method
 
 LR = 4e-3          # compare's default (RunConfig's 2e-3 is the library default)
@@ -84,7 +86,6 @@ def scaled_grid(methods, scales) -> list[tuple[str, str, dict]]:
     """naive, then per method its shipped preset with every group's lambda times each
     scale (mask ratio and keep as shipped); labels as ``GRID``'s (``lam=V/P/L``, with
     ``rho=...`` first where the preset masks)."""
-    from .compare import scaled_roles
     grid = [("naive", "-", {})]
     for m in methods:
         if m == "naive":
@@ -103,18 +104,10 @@ def _jsonable(ov: dict) -> dict:
                 if k == "role_values" else v) for k, v in ov.items()}
 
 
-def _spec(model="tiny", lora=0, lora_vocab=False, pretrain_steps=None, data_folder=False):
-    """compare's model spec for these flags, so the pre-training / warm-up cache is shared with it."""
-    from .compare import DATA_WARMUP_STEPS
-    from .model import ModelSpec, model_spec
-    steps = pretrain_steps or (DATA_WARMUP_STEPS if data_folder else ModelSpec.pretrain_steps)
-    return model_spec(model, lora, pretrain_steps=steps, lora_vocab=lora_vocab)
-
-
 def _one(method, label, ov, steps, lr, cache, taskset=None, spec=None, first_steps=0):
     torch.set_num_threads(1)
     rc = RunConfig(steps=steps, lr=lr, progress=False, cache=cache, first_steps=first_steps,
-                   spec=spec if spec is not None else _spec(data_folder=taskset is not None))
+                   spec=spec if spec is not None else run_spec(data_folder=taskset is not None))
     if taskset is not None:
         r = run_method(method, taskset, tuple(taskset.train), 0, rc, ov)
     else:
@@ -136,7 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=None, metavar="DIR", help="task data from files (as compare --data)")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="pre-training / --data warm-up steps (default compare's, so its cache is shared)")
-    p.add_argument("--model", default="tiny", help="as compare --model (tiny, small, asym)")
+    p.add_argument("--model", default="tiny", choices=tuple(MODELS), help="as compare --model")
     p.add_argument("--first-steps", type=int, default=0, metavar="N",
                    help="as compare --first-steps: steps of the first task (0: --steps)")
     p.add_argument("--lora", type=int, default=0, metavar="R", help="as compare --lora")
@@ -151,7 +144,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     taskset = None
     if args.data:
-        from .compare import DATA_LR
         from .taskdata import TaskDataError, load
         if args.out is None:
             p.error("--data needs --out (tuning_seed0.json is the generated benchmark's sweep)")
@@ -166,7 +158,7 @@ def main(argv=None) -> None:
     if args.first_steps < 0:
         p.error(f"--first-steps must be >= 0, got {args.first_steps}")
     try:
-        spec = _spec(args.model, args.lora, args.lora_vocab, args.pretrain_steps, taskset is not None)
+        spec = run_spec(args.model, args.lora, args.lora_vocab, args.pretrain_steps, taskset is not None)
     except ValueError as e:
         p.error(str(e))
     grid = GRID
