@@ -104,10 +104,9 @@ def _jsonable(ov: dict) -> dict:
                 if k == "role_values" else v) for k, v in ov.items()}
 
 
-def _one(method, label, ov, steps, lr, cache, taskset=None, spec=None, first_steps=0):
+def _one(method, label, ov, steps, lr, cache, taskset, spec, first_steps):
     torch.set_num_threads(1)
-    rc = RunConfig(steps=steps, lr=lr, progress=False, cache=cache, first_steps=first_steps,
-                   spec=spec if spec is not None else run_spec(data_folder=taskset is not None))
+    rc = RunConfig(steps=steps, lr=lr, progress=False, cache=cache, first_steps=first_steps, spec=spec)
     if taskset is not None:
         r = run_method(method, taskset, tuple(taskset.train), 0, rc, ov)
     else:
