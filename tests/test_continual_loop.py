@@ -49,6 +49,25 @@ def test_compare_writes_summary_report_and_plots(tmp_path, rc):
     drift = runs["aim"][0]["drift"]
     assert set(drift["groups"]) == {"vision", "projector", "language"}
     assert drift["task_ends"] == [3, 6] and len(drift["step"]) == 6
+    assert not (out / "runs.partial.json").exists()
+
+
+def test_a_stopped_compare_keeps_its_finished_runs(tmp_path, rc, monkeypatch):
+    from aim_kernels.continual import compare as compare_mod
+    real = compare_mod.run_method
+
+    def stop_at_aim(m, *a, **k):
+        if m == "aim":
+            raise KeyboardInterrupt
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(compare_mod, "run_method", stop_at_aim)
+    with pytest.raises(KeyboardInterrupt):
+        compare(["naive", "aim"], [0], tmp_path / "out", rc, skills=SKILLS, sizes=(32, 16, 8))
+    kept = json.loads((tmp_path / "out" / "runs.partial.json").read_text())
+    assert kept["aim"] == [] and len(kept["naive"]) == 1
+    assert np.array(kept["naive"][0]["acc_matrix"]).shape == (2, 2)
+    assert not (tmp_path / "out" / "summary.json").exists()
 
 
 @pytest.mark.slow

@@ -102,6 +102,18 @@ def learnt_check(runs: dict[str, list[dict]], chance: dict[str, float]) -> dict:
             "unlearnt": flagged}
 
 
+PARTIAL = "runs.partial.json"
+
+
+def _keep_partial(out: Path, runs: dict) -> None:
+    """Every finished run, on disk as it lands: a compare stopped after hours (time, a
+    shared machine) keeps its runs in ``runs.partial.json`` (runs.json's format, the
+    methods' lists so far); the finished compare removes it."""
+    tmp = out / (PARTIAL + ".tmp")
+    tmp.write_text(json.dumps(runs))
+    tmp.replace(out / PARTIAL)
+
+
 def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, order: str = "default",
             preset: str = "custom", overrides: dict | None = None, skills=data.SKILLS,
             sizes: tuple[int, int, int] = (3000, 300, 200), jobs: int = 1, taskset=None) -> dict:
@@ -158,6 +170,7 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
                 r = f.result()
                 runs[m].append(r)
                 show(m, seed, o, r)
+                _keep_partial(out, runs)
     else:
         benches = {}
         for m, seed, o in jobs_list:
@@ -167,6 +180,7 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
             r = run_method(m, benches[seed], o, seed, rc, (overrides or {}).get(m))
             runs[m].append(r)
             show(m, seed, o, r)
+            _keep_partial(out, runs)
     chance = data.chance_levels(taskset if taskset is not None else bench)
     first = next(iter(runs.values()))
     summary = {
@@ -202,6 +216,7 @@ def compare(methods, seeds, out: str | Path, rc: RunConfig, orders: int = 1, ord
     summary["load_average"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "runs.json").write_text(json.dumps(runs))
+    (out / PARTIAL).unlink(missing_ok=True)
     report.write_report(summary, runs, out)
     return summary
 
